@@ -1,0 +1,103 @@
+"""Hugging Face checkpoint directories -> our Transformer, tensor by tensor through the name table."""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from converters.errors import CheckpointError
+from converters.hf_names import detect_layout, hf_rules, hf_shape, load_rule
+from converters.safetensors_io import CheckpointReader
+from jaxmoe.config import ConfigError, ModelConfig
+from jaxmoe.model import Transformer
+
+log = logging.getLogger(__name__)
+_SLICE = re.compile(r"^(.*)\[(\d+)\]$")
+
+
+class TensorSource(Protocol):
+    """What import needs from a checkpoint: HF tensor names, shapes and arrays, one at a time."""
+
+    def keys(self) -> list[str]: ...
+    def has(self, name: str) -> bool: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def get(self, name: str) -> np.ndarray: ...
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    """ModelConfig from an HF directory's config.json, with errors naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: config.json not found; an HF model directory needs one")
+    try:
+        return ModelConfig.from_file(path / "config.json")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _split_target(name: str) -> tuple[str, int | None]:
+    m = _SLICE.match(name)
+    return (m.group(1), int(m.group(2))) if m else (name, None)
+
+
+def abstract_model(config: ModelConfig, dtype: str | None = None, moe_impl: str = "ragged") -> Transformer:
+    """The model's structure with shapes only, no memory allocated."""
+    return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0), dtype=dtype, moe_impl=moe_impl))
+
+
+def model_from_tensors(config: ModelConfig, source: TensorSource, name: str, dtype: str | None = None,
+                       moe_impl: str = "ragged") -> Transformer:
+    """Build a Transformer whose parameters come from `source` (HF tensor names), cast to `dtype`."""
+    model = abstract_model(config, dtype, moe_impl)
+    graphdef, state = nnx.split(model)
+    flat = nnx.to_flat_state(state)
+    shapes = {".".join(map(str, p)): (tuple(v.get_value().shape), v.get_value().dtype) for p, v in flat}
+    target_dtype = np.dtype(jnp.dtype(model.config.dtype))
+    rules = hf_rules(config, detect_layout(config, source.has))
+    values: dict[str, Any] = {}
+    used: set[str] = set()
+    for rule in rules:
+        targets = [_split_target(o) for o in rule.ours]
+        our_shapes = [shapes[n][0][1:] if j is not None else shapes[n][0] for n, j in targets]
+        want = hf_shape(rule, our_shapes)
+        if not source.has(rule.hf):
+            raise CheckpointError(f"{name}: tensor '{rule.hf}' is missing (expected shape {list(want)})")
+        got = tuple(source.shape(rule.hf))
+        if got != want:
+            raise CheckpointError(f"{name}: tensor '{rule.hf}' has shape {list(got)}, expected {list(want)}")
+        used.add(rule.hf)
+        for (n, j), arr in zip(targets, load_rule(rule, source.get(rule.hf), our_shapes)):
+            arr = np.asarray(arr).astype(target_dtype)
+            if j is None:
+                values[n] = jnp.asarray(arr)
+            else:
+                values.setdefault(n, np.zeros(shapes[n][0], target_dtype))[j] = arr
+    extra = sorted(set(source.keys()) - used)
+    if extra:
+        log.warning("%s: %d tensors not used by %s: %s", name, len(extra), config.model_type, ", ".join(extra[:5]))
+    for path, var in flat:
+        key = ".".join(map(str, path))
+        if key not in values:
+            raise CheckpointError(f"{name}: nothing in the checkpoint fills parameter '{key}'")
+        var.set_value(jnp.asarray(values.pop(key)))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def load_hf(path: str | Path, dtype: str | None = None, moe_impl: str = "ragged") -> Transformer:
+    """Load an HF directory (config.json + single or sharded safetensors)."""
+    config = read_config(path)
+    return model_from_tensors(config, CheckpointReader(path), str(path), dtype, moe_impl)
+
+
+def state_arrays(model: Transformer) -> dict[str, jax.Array]:
+    """Our parameters by dotted path, e.g. 'layers.0.attn.q_proj'."""
+    _, state = nnx.split(model)
+    return {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(state)}

@@ -1,0 +1,73 @@
+"""Grouped-query attention with per-layer sliding window, logit soft-capping and an optional KV cache."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmoe.config import ModelConfig
+from jaxmoe.rope import apply_rope
+
+
+def make_mask(q_slots: jax.Array, k_valid: jax.Array, window: int | None) -> jax.Array:
+    """Boolean [B, 1, T, S]: key slot s is visible to the query in slot q iff it holds a real token,
+    s <= q, and (sliding layers) q - s < window, exactly as transformers masks by cache position."""
+    s = jnp.arange(k_valid.shape[1])
+    q = q_slots[:, :, None]
+    allowed = (s[None, None, :] <= q) & k_valid[:, None, :]
+    if window is not None:
+        allowed = allowed & (q - s[None, None, :] < window)
+    return allowed[:, None, :, :]
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with `num_kv_heads` shared key/value heads (GQA)."""
+
+    def __init__(self, config: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
+        h, n, kv, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        init = nnx.initializers.normal(0.02)
+        self.q_proj = nnx.Param(init(rngs.params(), (h, n, d), dtype), axes=("embed", "heads", "head_dim"))
+        self.k_proj = nnx.Param(init(rngs.params(), (h, kv, d), dtype), axes=("embed", "kv", "head_dim"))
+        self.v_proj = nnx.Param(init(rngs.params(), (h, kv, d), dtype), axes=("embed", "kv", "head_dim"))
+        self.o_proj = nnx.Param(init(rngs.params(), (n, d, h), dtype), axes=("heads", "head_dim", "embed"))
+        if config.qkv_bias:
+            self.q_bias = nnx.Param(jnp.zeros((n, d), dtype), axes=("heads", "head_dim"))
+            self.k_bias = nnx.Param(jnp.zeros((kv, d), dtype), axes=("kv", "head_dim"))
+            self.v_bias = nnx.Param(jnp.zeros((kv, d), dtype), axes=("kv", "head_dim"))
+        if config.o_bias:
+            self.o_bias = nnx.Param(jnp.zeros((h,), dtype), axes=("embed",))
+        self.num_heads, self.num_kv_heads = n, kv
+        self.scale = config.attn_scale
+        self.softcap = config.attn_logit_softcap
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 cache: tuple[jax.Array, jax.Array] | None = None,
+                 cache_index: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """x [B, T, H] -> ([B, T, H], updated (k, v) cache or None). mask is [B, 1, T, S]."""
+        q = jnp.einsum("bth,hnd->btnd", x, self.q_proj[...])
+        k = jnp.einsum("bth,hnd->btnd", x, self.k_proj[...])
+        v = jnp.einsum("bth,hnd->btnd", x, self.v_proj[...])
+        if hasattr(self, "q_bias"):
+            q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            # Write this step's keys/values into their slots; attend over the whole preallocated cache.
+            ck, cv = cache
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
+            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
+            cache = (k, v)
+        b, t, n, d = q.shape
+        g = n // self.num_kv_heads
+        q = q.reshape(b, t, self.num_kv_heads, g, d)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * jnp.asarray(self.scale, q.dtype)
+        if self.softcap is not None:
+            c = jnp.asarray(self.softcap, scores.dtype)
+            scores = jnp.tanh(scores / c) * c
+        scores = jnp.where(mask[:, :, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n, d)
+        y = jnp.einsum("btnd,ndh->bth", out, self.o_proj[...])
+        if hasattr(self, "o_bias"):
+            y = y + self.o_bias[...]
+        return y, cache

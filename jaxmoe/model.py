@@ -1,0 +1,158 @@
+"""The decoder-only transformer for every family (Llama, Mistral, Gemma, Gemma 2, Mixtral, Qwen2-MoE,
+Gemma2-MoE); family differences come from ModelConfig fields."""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmoe.attention import Attention, make_mask
+from jaxmoe.config import ModelConfig
+from jaxmoe.mlp import MLP
+from jaxmoe.moe import MoEBlock
+from jaxmoe.norm import RMSNorm
+from jaxmoe.rope import rope_cos_sin
+
+
+class KVCache(NamedTuple):
+    """Preallocated keys/values [L, B, S, kv, d], which slots hold real tokens [B, S], next slot index."""
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch: int, length: int, dtype: jnp.dtype) -> "KVCache":
+        """An all-empty cache of `length` slots."""
+        shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, length), bool),
+                   jnp.zeros((), jnp.int32))
+
+
+class Output(NamedTuple):
+    """Model outputs: logits [B, T, V]; router logits per MoE layer [B, T, E]; residual stream entering
+    each layer (hidden_states[l], l = 0 is the scaled embedding) when asked; the updated cache."""
+
+    logits: jax.Array
+    router_logits: tuple[jax.Array, ...]
+    hidden_states: tuple[jax.Array, ...] | None
+    cache: KVCache | None
+    mlp_inputs: tuple[jax.Array, ...] | None = None
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm attention + MLP/MoE, with Gemma 2's extra output norms when `sandwich_norms`."""
+
+    def __init__(self, config: ModelConfig, layer: int, dtype: jnp.dtype, rngs: nnx.Rngs, moe_impl: str):
+        norm = lambda: RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_offset, dtype)  # noqa: E731
+        self.attn_norm = norm()
+        self.attn = Attention(config, dtype, rngs)
+        self.mlp_norm = norm()
+        if config.sandwich_norms:
+            self.attn_out_norm = norm()
+            self.mlp_out_norm = norm()
+        self.is_moe = config.moe_layers[layer]
+        if self.is_moe:
+            self.mlp = MoEBlock(config, dtype, rngs, impl=moe_impl)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size, config.activation, dtype, rngs)
+        self.sliding = config.layer_types[layer] == "sliding"
+
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+        """Returns (x, router logits or None, updated layer cache, normalised MLP input)."""
+        h, cache = self.attn(self.attn_norm(x), cos, sin, mask, cache, cache_index)
+        if hasattr(self, "attn_out_norm"):
+            h = self.attn_out_norm(h)
+        x = x + h
+        m_in = self.mlp_norm(x)
+        if self.is_moe:
+            h, router_logits = self.mlp(m_in)
+        else:
+            h, router_logits = self.mlp(m_in), None
+        if hasattr(self, "mlp_out_norm"):
+            h = self.mlp_out_norm(h)
+        return x + h, router_logits, cache, m_in
+
+
+class Transformer(nnx.Module):
+    """`model(input_ids)` -> logits [B, T, V]; `model.forward(...)` gives every output and the cache."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs | None = None, dtype: str | None = None,
+                 moe_impl: str = "ragged"):
+        rngs = rngs or nnx.Rngs(0)
+        self.config = config if dtype is None else config.replace(dtype=dtype)
+        pdtype = jnp.dtype(self.config.dtype)
+        c = self.config
+        self.embed = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (c.vocab_size, c.hidden_size), pdtype),
+                               axes=("vocab", "embed"))
+        self.layers = nnx.List([DecoderLayer(c, i, pdtype, rngs, moe_impl) for i in range(c.num_layers)])
+        self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.norm_offset, pdtype)
+        if not c.tie_word_embeddings:
+            self.lm_head = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (c.hidden_size, c.vocab_size),
+                                                                   pdtype), axes=("embed", "vocab"))
+
+    def set_moe_impl(self, impl: str) -> None:
+        """Choose how experts are computed: 'ragged' (grouped matmul) or 'dense' (reference)."""
+        for layer in self.layers:
+            if layer.is_moe:
+                layer.mlp.impl = impl
+
+    def __call__(self, input_ids: jax.Array, **kwargs) -> jax.Array:
+        """Logits [B, T, V] for int32 ids [B, T]."""
+        return self.forward(input_ids, **kwargs).logits
+
+    def forward(self, input_ids: jax.Array, positions: jax.Array | None = None,
+                attention_mask: jax.Array | None = None, cache: KVCache | None = None,
+                return_hidden_states: bool = False, return_mlp_inputs: bool = False) -> Output:
+        """Run the model.
+
+        input_ids [B, T]; positions [B, T] (default: cache index + arange, as transformers);
+        attention_mask [B, T] with 1 for real tokens (default all real); cache: a KVCache whose slots
+        `cache.index .. cache.index+T` receive this call's keys and values.
+        """
+        c = self.config
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        b, t = input_ids.shape
+        start = jnp.zeros((), jnp.int32) if cache is None else cache.index
+        q_slots = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        positions = q_slots if positions is None else jnp.asarray(positions, jnp.int32)
+        new_valid = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+        if cache is None:
+            k_valid = new_valid
+        else:
+            k_valid = jax.lax.dynamic_update_slice(cache.valid, new_valid, (0, start))
+        masks = {"full": make_mask(q_slots, k_valid, None),
+                 "sliding": make_mask(q_slots, k_valid, c.sliding_window) if c.sliding_window else None}
+
+        embed = self.embed[...]
+        x = embed[input_ids]
+        if c.embed_scale:
+            x = x * jnp.asarray(math.sqrt(c.hidden_size), embed.dtype)
+        cos, sin = rope_cos_sin(c, positions, x.dtype)
+        hidden, router_logits, mlp_inputs, ks, vs = [], [], [], [], []
+        for i, layer in enumerate(self.layers):
+            if return_hidden_states:
+                hidden.append(x)
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+            x, rl, layer_cache, m_in = layer(x, cos, sin, masks[c.layer_types[i]], layer_cache, start)
+            if rl is not None:
+                router_logits.append(rl)
+            if return_mlp_inputs:
+                mlp_inputs.append(m_in)
+            if layer_cache is not None:
+                ks.append(layer_cache[0])
+                vs.append(layer_cache[1])
+        x = self.final_norm(x)
+        head = embed.T if c.tie_word_embeddings else self.lm_head[...]
+        logits = x @ head
+        if c.final_logit_softcap is not None:
+            cap = jnp.asarray(c.final_logit_softcap, logits.dtype)
+            logits = jnp.tanh(logits / cap) * cap
+        new_cache = None if cache is None else KVCache(jnp.stack(ks), jnp.stack(vs), k_valid, start + t)
+        return Output(logits, tuple(router_logits), tuple(hidden) if return_hidden_states else None, new_cache,
+                      tuple(mlp_inputs) if return_mlp_inputs else None)
+
