@@ -1,0 +1,456 @@
+"""Dependency-free safetensors reading and writing on numpy.
+
+Reading is memory-mapped and tensor by tensor: `get` returns a read-only zero-copy view, `get_slice` touches
+only the pages of the requested region, so a process never holds a whole checkpoint in memory. Writing
+streams: `ShardedWriter.add` puts a tensor's bytes on disk at once, so memory stays bounded by one tensor.
+Files follow the safetensors format (8-byte little-endian header length, JSON header padded with spaces to
+8 bytes, raw little-endian data) and are read unchanged by `safetensors.safe_open` and transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import ml_dtypes
+import numpy as np
+
+from converters.errors import CheckpointError
+
+# safetensors dtype code -> numpy dtype (always little-endian on disk).
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"),
+    "U32": np.dtype("<u4"),
+    "U16": np.dtype("<u2"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("bool"),
+}
+_CODES: dict[np.dtype, str] = {dt: code for code, dt in DTYPES.items()}
+
+_MAX_HEADER_BYTES = 100_000_000  # same limit as the reference implementation
+_COPY_CHUNK = 64 << 20
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+Index = tuple[Any, ...]  # slices / ints, as for numpy basic indexing
+
+
+def dtype_code(dtype: Any) -> str:
+    """The safetensors dtype code (e.g. ``"BF16"``) of a numpy dtype; raises ValueError when unsupported."""
+    dt = np.dtype(dtype)
+    if dt.byteorder == ">":
+        dt = dt.newbyteorder("<")
+    try:
+        return _CODES[dt]
+    except KeyError:
+        raise ValueError(f"dtype {dt} cannot be stored in safetensors (supported: {', '.join(DTYPES)})") from None
+
+
+def _as_le_contiguous(array: Any) -> np.ndarray:
+    """numpy / ml_dtypes / jax array -> C-contiguous little-endian numpy array (copies only when needed)."""
+    arr = np.asarray(array)
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    return np.ascontiguousarray(arr)
+
+
+class SafetensorsFile:
+    """One ``.safetensors`` file: the header is parsed and validated at open, data is memory-mapped lazily."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._mmap: np.memmap | None = None
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                prefix = f.read(8)
+                if len(prefix) < 8:
+                    self._fail(f"truncated: the file has {size} bytes, fewer than the 8-byte header length")
+                (n,) = struct.unpack("<Q", prefix)
+                if n > _MAX_HEADER_BYTES:
+                    self._fail(f"not a safetensors file: header length {n} is implausible")
+                if 8 + n > size:
+                    self._fail(f"truncated: the header ends at byte {8 + n} but the file has {size} bytes")
+                raw = f.read(n)
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot read: {e.strerror or e}") from e
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            self._fail(f"header is not valid JSON ({e})")
+        if not isinstance(header, dict):
+            self._fail("header is not a JSON object")
+        meta = header.pop("__metadata__", None)
+        if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+            self._fail("__metadata__ is not a map of strings")
+        self.metadata: dict[str, str] = dict(meta or {})
+        self._start, self._size = 8 + n, size
+        self._entries = {name: self._parse_entry(name, info) for name, info in header.items()}
+        # Report the first tensor (in file order) that runs past the end: that is what truncation looks like.
+        for name, (_, _, _, end) in sorted(self._entries.items(), key=lambda kv: kv[1][2]):
+            if self._start + end > size:
+                self._fail(f"truncated: tensor '{name}' ends at byte {self._start + end} but the file has {size} bytes")
+
+    def _fail(self, what: str) -> None:
+        raise CheckpointError(f"{self.path}: {what}")
+
+    def _parse_entry(self, name: str, info: Any) -> tuple[np.dtype, tuple[int, ...], int, int]:
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            self._fail(f"tensor '{name}' lacks dtype/shape/data_offsets in the header")
+        code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if code not in DTYPES:
+            self._fail(f"tensor '{name}' has unsupported dtype {code!r} (supported: {', '.join(DTYPES)})")
+        ok_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+        if not isinstance(shape, list) or not all(ok_int(d) for d in shape):
+            self._fail(f"tensor '{name}' has invalid shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(ok_int(v) for v in offsets)):
+            self._fail(f"tensor '{name}' has invalid data_offsets {offsets!r}")
+        begin, end = offsets
+        dt = DTYPES[code]
+        need = math.prod(shape) * dt.itemsize
+        if end < begin or end - begin != need:
+            self._fail(f"tensor '{name}' has data_offsets {offsets} ({end - begin} bytes) but {code} {shape} "
+                       f"needs {need}")
+        return dt, tuple(shape), begin, end
+
+    def keys(self) -> list[str]:
+        """Tensor names in header order."""
+        return list(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def _entry(self, name: str) -> tuple[np.dtype, tuple[int, ...], int, int]:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise CheckpointError(f"tensor '{name}' not found in {self.path}") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of tensor `name`."""
+        return self._entry(name)[1]
+
+    def dtype(self, name: str) -> np.dtype:
+        """numpy dtype of tensor `name` (BF16 -> ml_dtypes.bfloat16)."""
+        return self._entry(name)[0]
+
+    def get(self, name: str) -> np.ndarray:
+        """Tensor `name` as a read-only zero-copy view into the memory-mapped file."""
+        dt, shape, begin, end = self._entry(name)
+        if self._mmap is None:
+            try:
+                self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r", shape=(self._size,))
+            except (OSError, ValueError) as e:  # e.g. the file shrank since its header was checked
+                raise CheckpointError(f"{self.path}: cannot map the file ({e}); was it changed while open?") from e
+        flat = self._mmap[self._start + begin : self._start + end]
+        return flat.view(dt).reshape(shape).view(np.ndarray)
+
+    def get_slice(self, name: str, index: Index | slice | int) -> np.ndarray:
+        """``get(name)[index]`` without reading the rest: a read-only view; only its pages are ever touched."""
+        return self.get(name)[index if isinstance(index, tuple) else (index,)]
+
+    def close(self) -> None:
+        """Drop this object's mapping (arrays already returned keep theirs alive)."""
+        self._mmap = None
+
+
+_PICKLE_GLOBS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+class CheckpointReader:
+    """A Hugging Face checkpoint directory: ``model.safetensors`` or shards + ``model.safetensors.index.json``.
+
+    Shards are opened lazily on first use. `bytes_read` counts the bytes of tensor data returned by `get` and
+    `get_slice`, so tests can assert that a process reads only its own slices.
+    """
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+        self.bytes_read = 0
+        self._files: dict[str, SafetensorsFile] = {}
+        d = self.directory
+        if not d.is_dir():
+            raise CheckpointError(f"{d}: not a directory (expected a Hugging Face checkpoint directory)")
+        if (d / INDEX_NAME).is_file():
+            self._weight_map = self._read_index(d / INDEX_NAME)
+        elif (d / SINGLE_NAME).is_file():
+            self._weight_map = {k: SINGLE_NAME for k in self._open(SINGLE_NAME).keys()}
+        else:
+            found = sorted(p.name for p in d.glob("*.safetensors"))
+            if found:
+                self._weight_map = self._scan(found)
+            else:
+                pickles = sorted({p.name for g in _PICKLE_GLOBS for p in d.glob(g)})
+                if pickles:
+                    raise CheckpointError(
+                        f"{d}: only pickle checkpoints found ({', '.join(pickles[:3])}); pickle checkpoints are"
+                        " not loaded because unpickling can execute code; convert to safetensors with"
+                        " transformers' `save_pretrained(safe_serialization=True)`"
+                    )
+                raise CheckpointError(f"{d}: no weights found (expected {SINGLE_NAME} or {INDEX_NAME})")
+
+    def _read_index(self, path: Path) -> dict[str, str]:
+        try:
+            index = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: malformed index JSON ({e}); re-download or regenerate it") from None
+        wm = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+            raise CheckpointError(f"{path}: malformed index: no 'weight_map' object of tensor -> shard file")
+        for shard in sorted(set(wm.values())):
+            if Path(shard).name != shard:
+                raise CheckpointError(f"{path}: shard '{shard}' is outside the checkpoint directory; refusing")
+            if not (self.directory / shard).is_file():
+                raise CheckpointError(f"{path}: names shard '{shard}' which is missing from {self.directory}; "
+                                      "download it")
+        return dict(wm)
+
+    def _scan(self, names: list[str]) -> dict[str, str]:
+        """No index and no model.safetensors: map tensors by reading every file's header."""
+        wm: dict[str, str] = {}
+        for fname in names:
+            for key in self._open(fname).keys():
+                if key in wm:
+                    raise CheckpointError(f"{self.directory}: tensor '{key}' is in both {wm[key]} and {fname}")
+                wm[key] = fname
+        return wm
+
+    def _open(self, fname: str) -> SafetensorsFile:
+        f = self._files.get(fname)
+        if f is None:
+            f = self._files[fname] = SafetensorsFile(self.directory / fname)
+        return f
+
+    def _file_of(self, name: str) -> SafetensorsFile:
+        fname = self._weight_map.get(name)
+        if fname is None:
+            raise CheckpointError(f"tensor '{name}' not found in {self.directory}")
+        f = self._open(fname)
+        if name not in f:
+            raise CheckpointError(f"{self.directory / INDEX_NAME}: says tensor '{name}' is in {fname} but it is "
+                                  "not; the index is stale, re-download the checkpoint")
+        return f
+
+    def keys(self) -> list[str]:
+        """All tensor names (index order)."""
+        return list(self._weight_map)
+
+    def has(self, name: str) -> bool:
+        """Whether the checkpoint has tensor `name`."""
+        return name in self._weight_map
+
+    __contains__ = has
+
+    def shard_of(self, name: str) -> str:
+        """File name of the shard holding tensor `name`."""
+        return self._file_of(name).path.name
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of tensor `name`."""
+        return self._file_of(name).shape(name)
+
+    def dtype(self, name: str) -> np.dtype:
+        """numpy dtype of tensor `name`."""
+        return self._file_of(name).dtype(name)
+
+    def get(self, name: str) -> np.ndarray:
+        """Tensor `name` as a read-only zero-copy memory-mapped view."""
+        arr = self._file_of(name).get(name)
+        self.bytes_read += arr.nbytes
+        return arr
+
+    def get_slice(self, name: str, index: Index | slice | int) -> np.ndarray:
+        """``get(name)[index]`` reading only that region; only the slice's bytes count in `bytes_read`."""
+        arr = self._file_of(name).get_slice(name, index)
+        self.bytes_read += arr.nbytes
+        return arr
+
+    def close(self) -> None:
+        """Forget all open shards."""
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_Entry = tuple[str, str, tuple[int, ...], int, int]  # name, dtype code, shape, begin, end
+
+
+def _header(entries: Iterable[_Entry], metadata: Mapping[str, str] | None) -> bytes:
+    """Length prefix + JSON header padded with spaces to a multiple of 8 bytes (as the reference writer)."""
+    hdr: dict[str, Any] = {}
+    if metadata:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise ValueError(f"safetensors metadata must map str -> str, got {dict(metadata)!r}")
+        hdr["__metadata__"] = dict(metadata)
+    for name, code, shape, begin, end in entries:
+        hdr[name] = {"dtype": code, "shape": list(shape), "data_offsets": [begin, end]}
+    raw = json.dumps(hdr, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _check_name(name: Any, seen: Mapping[str, Any]) -> None:
+    if not isinstance(name, str) or not name or name == "__metadata__":
+        raise ValueError(f"invalid tensor name {name!r}")
+    if name in seen:
+        raise ValueError(f"duplicate tensor name '{name}'")
+
+
+def write_safetensors(
+    path: str | os.PathLike, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write a small single safetensors file from a dict of arrays (numpy, ml_dtypes or jax)."""
+    entries: list[_Entry] = []
+    arrays: list[np.ndarray] = []
+    offset = 0
+    for name, value in tensors.items():
+        _check_name(name, {})
+        arr = _as_le_contiguous(value)
+        entries.append((name, dtype_code(arr.dtype), np.shape(value), offset, offset + arr.nbytes))
+        arrays.append(arr)
+        offset += arr.nbytes
+    with open(path, "wb") as f:
+        f.write(_header(entries, metadata))
+        for arr in arrays:
+            f.write(arr.reshape(-1).view(np.uint8).data)
+
+
+def _copy_bytes(src: Any, dst: Any) -> None:
+    """Append all of `src` to `dst` (binary files) in bounded chunks, in-kernel where the OS allows."""
+    src.seek(0)
+    dst.flush()
+    start = dst.tell()
+    if hasattr(os, "copy_file_range"):
+        try:
+            while os.copy_file_range(src.fileno(), dst.fileno(), _COPY_CHUNK):
+                pass
+            return
+        except OSError:  # unsupported here: undo any partial copy and fall back to read/write
+            src.seek(0)
+            dst.seek(start)
+            dst.truncate()
+    shutil.copyfileobj(src, dst, _COPY_CHUNK)
+
+
+class ShardedWriter:
+    """Streaming safetensors export into `out_dir` (``model.safetensors`` or HF-style shards + index).
+
+    Each `add` writes the tensor's bytes to a temporary data file of the current shard at once, so memory is
+    bounded by one tensor. A shard is finished (header + data copied into its file) when the next tensor
+    would push it past `max_shard_bytes`. `close` names the files and writes the index. Use it inside
+    `converters.atomic.atomic_output_dir` so that a crash leaves nothing at the final directory.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        max_shard_bytes: int = 5_000_000_000,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if (self.out_dir / INDEX_NAME).exists() or any(self.out_dir.glob("*.safetensors")):
+            raise CheckpointError(f"{self.out_dir}: already holds safetensors files; write into an empty directory")
+        if max_shard_bytes <= 0:
+            raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+        self.max_shard_bytes = int(max_shard_bytes)
+        self.metadata = {"format": "pt"} if metadata is None else dict(metadata)
+        self.total_size = 0
+        self._shards: list[Path] = []  # finished shard files under temporary names
+        self._where: dict[str, int] = {}  # tensor name -> shard number (0-based)
+        self._entries: list[_Entry] = []
+        self._offset = 0
+        self._data: Any = None
+        self._names: list[str] | None = None
+
+    def _tmp(self, i: int, suffix: str) -> Path:
+        return self.out_dir / f".shard-{i + 1:05d}.{suffix}.tmp"
+
+    def add(self, name: str, array: Any) -> None:
+        """Append tensor `name`; its bytes hit the disk before this returns."""
+        if self._names is not None:
+            raise RuntimeError("ShardedWriter is closed")
+        _check_name(name, self._where)
+        arr = _as_le_contiguous(array)
+        code = dtype_code(arr.dtype)
+        if self._entries and self._offset + arr.nbytes > self.max_shard_bytes:
+            self._finish_shard()
+        if self._data is None:
+            self._data = open(self._tmp(len(self._shards), "data"), "w+b")
+        self._data.write(arr.reshape(-1).view(np.uint8).data)
+        self._data.flush()  # to the OS now: nothing of this tensor stays in our buffers
+        self._entries.append((name, code, np.shape(array), self._offset, self._offset + arr.nbytes))
+        self._where[name] = len(self._shards)
+        self._offset += arr.nbytes
+        self.total_size += arr.nbytes
+
+    def _finish_shard(self) -> None:
+        i = len(self._shards)
+        final = self._tmp(i, "safetensors")
+        with open(final, "wb") as out:
+            out.write(_header(self._entries, self.metadata))
+            if self._data is not None:
+                _copy_bytes(self._data, out)
+        if self._data is not None:
+            self._data.close()
+            self._tmp(i, "data").unlink()
+        self._shards.append(final)
+        self._entries, self._offset, self._data = [], 0, None
+
+    def close(self) -> list[str]:
+        """Finish the last shard, give files their final names, write the index; returns the file names."""
+        if self._names is not None:
+            return self._names
+        if self._entries or not self._shards:
+            self._finish_shard()
+        n = len(self._shards)
+        names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for tmp, fname in zip(self._shards, names):
+            os.replace(tmp, self.out_dir / fname)
+        if n > 1:
+            index = {
+                "metadata": {"total_size": self.total_size},
+                "weight_map": {k: names[i] for k, i in sorted(self._where.items())},
+            }
+            (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        self._names = names
+        return names
+
+    def abort(self) -> None:
+        """Delete every temporary file written so far; the writer cannot be used afterwards."""
+        if self._data is not None:
+            self._data.close()
+            self._data = None
+        for p in [*self._shards, *self.out_dir.glob(".shard-*.tmp")]:
+            p.unlink(missing_ok=True)
+        self._names = []
+
+    def __enter__(self) -> "ShardedWriter":
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
