@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ("llama", "mistral", "gemma", "gemma2", "mixtral", "qwen2_moe", "gemma2_moe")
+FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "mixtral", "qwen2_moe", "gemma2_moe")
 # model_type spellings in the wild -> our family name.
 MODEL_TYPE_ALIASES = {"gemma2moe": "gemma2_moe", "gemma2_moe": "gemma2_moe", "qwen2moe": "qwen2_moe"}
 ACTIVATIONS = {
@@ -197,7 +197,7 @@ def _from_hf(d: dict[str, Any], source: str) -> ModelConfig:
     theta, scaling = _rope(d, source, default_theta)
     window = d.get("sliding_window")
     layer_types = _layer_types(d, n_layers, source)
-    if family == "qwen2_moe" and not d.get("use_sliding_window", False):
+    if family in ("qwen2", "qwen2_moe") and not d.get("use_sliding_window", False):
         window, layer_types = None, ("full",) * n_layers
     if layer_types is None:
         if gemma2:
@@ -255,8 +255,8 @@ def _from_hf(d: dict[str, Any], source: str) -> ModelConfig:
         sliding_window=int(window) if window else None,
         layer_types=layer_types,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", gemma)),
-        qkv_bias=bool(d.get("qkv_bias", True)) if family == "qwen2_moe" else attn_bias,
-        o_bias=attn_bias and family != "qwen2_moe",
+        qkv_bias=bool(d.get("qkv_bias", True)) if family in ("qwen2", "qwen2_moe") else attn_bias,
+        o_bias=attn_bias and family not in ("qwen2", "qwen2_moe"),
         num_experts=num_experts,
         moe_layers=moe_layers or (),
         dtype=dtype if dtype in DTYPES else "float32",

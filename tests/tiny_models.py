@@ -29,6 +29,8 @@ TINY: dict[str, tuple[type, dict]] = {
                                      attn_logit_softcapping=4.0, final_logit_softcapping=6.0)),
     "mixtral": (tf.MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
     "mixtral_sw": (tf.MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW)),
+    # Qwen2 (dense): q/k/v biases, no o_proj bias; a frankenMoE source for Qwen2-MoE.
+    "qwen2": (tf.Qwen2Config, dict(use_sliding_window=False)),
     # Qwen2-MoE: shared expert, qkv bias, a dense layer (mlp_only_layers) and top-k without renormalising.
     "qwen2_moe": (tf.Qwen2MoeConfig, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
                                           shared_expert_intermediate_size=40, mlp_only_layers=[1],
