@@ -26,14 +26,19 @@ class Routing(NamedTuple):
     experts: jax.Array
 
 
-def route(x: jax.Array, router: jax.Array, k: int, renormalize: bool) -> Routing:
-    """Router logits in the param dtype, softmax in float32, top-k, renormalised when asked."""
-    logits = x @ router
+def top_k_routing(logits: jax.Array, k: int, renormalize: bool) -> tuple[jax.Array, jax.Array]:
+    """Softmax of router logits in float32, top-k (weights, expert ids), renormalised when asked."""
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     weights, experts = jax.lax.top_k(probs, k)
     if renormalize:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return Routing(logits, weights, experts)
+    return weights, experts
+
+
+def route(x: jax.Array, router: jax.Array, k: int, renormalize: bool) -> Routing:
+    """Router logits in the param dtype, then `top_k_routing`."""
+    logits = x @ router
+    return Routing(logits, *top_k_routing(logits, k, renormalize))
 
 
 def experts_dense(x: jax.Array, r: Routing, wg: jax.Array, wu: jax.Array, wd: jax.Array,
