@@ -1,0 +1,57 @@
+"""`jaxmoe build RECIPE.yml OUT_DIR`: a frankenMoE from a mergekit-moe or Gemma-2-MoE recipe."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `jaxmoe build`."""
+    p.description = (
+        "Build a Mixture-of-Experts model from dense checkpoints. RECIPE is mergekit-moe YAML (base_model, "
+        "gate_mode, experts[] with source_model and prompts, ...) or the Gemma-2-MoE toolkit's YAML. Sources are "
+        "HF directories or .gguf files. Output: an HF directory that transformers loads (Mixtral, Qwen2-MoE; "
+        "Gemma2-MoE with trust_remote_code=True). The output is written atomically: an interrupted build leaves "
+        "no OUT_DIR.")
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument("out_dir", help="output HF directory (must not exist unless --overwrite)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="output dtype (default: the recipe's dtype, else the base model's)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random gates and expert noise (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    p.add_argument("--layout", choices=("legacy", "fused"), default="legacy",
+                   help="legacy per-expert tensor names (default; transformers v4 and v5) or v5 fused tensors")
+    p.add_argument("--gate-input", choices=("residual", "router_input"), default="residual",
+                   help="hidden gates from the residual stream entering each layer (mergekit) or from the "
+                        "normalised MLP input the router actually sees")
+    p.add_argument("--shard-size", default="5GB", help="max bytes per safetensors shard, e.g. 500MB (default 5GB)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def parse_size(text: str) -> int:
+    """'5GB' / '500MB' / '2e9' -> bytes."""
+    t = text.strip().upper().removesuffix("B")
+    mult = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}.get(t[-1:], 1)
+    try:
+        return int(float(t[:-1] if mult > 1 else t) * mult)
+    except ValueError:
+        raise ValueError(f"--shard-size: '{text}' is not a size like 5GB or 500MB") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build and print the routing preview."""
+    import time
+
+    from converters.build import build_moe, expert_names, routing_table
+    from converters.recipe import load_recipe
+
+    start = time.perf_counter()
+    recipe = load_recipe(args.recipe)
+    result = build_moe(recipe, args.out_dir, dtype=args.dtype, seed=args.seed, overwrite=args.overwrite,
+                       layout=args.layout, gate_input=args.gate_input, max_shard_bytes=parse_size(args.shard_size),
+                       progress=not args.no_progress)
+    c = result.config
+    print(f"built {c.model_type}: {c.num_experts} experts, top-{c.num_experts_per_tok}, {c.num_layers} layers, "
+          f"{c.dtype} -> {result.out_dir} in {time.perf_counter() - start:.1f}s")
+    print("routing preview (share of each expert's prompt tokens sent to each expert, top-1, all layers):")
+    print(routing_table(expert_names(recipe), result.routing))
+    return 0
