@@ -167,6 +167,6 @@ def compute_gates(mode: str, experts: Sequence[Any], shared: Any | None, model: 
     cond = gate_condition_numbers(router)
     bad = np.nonzero(cond > DEGENERATE_COND)[0]
     if len(experts) > 1 and len(bad):
-        log.warning("degenerate routing parameters in %d of %d layers (condition number up to %.1f > %.0f): "
+        log.warning("degenerate routing parameters in %d of %d layers (condition number up to %.3g > %.0f): "
                     "your prompts may be too similar", len(bad), L, float(cond.max()), DEGENERATE_COND)
     return Gates(router, np.ascontiguousarray(g[:, len(experts)]) if shared is not None else None, cond)
