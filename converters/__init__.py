@@ -10,10 +10,15 @@ def load(path: str | Path, dtype: str | None = None, mesh=None, moe_impl: str = 
     """Load a model from an HF directory or a `.gguf` file; `model(input_ids)` gives logits.
 
     dtype: float32 / bfloat16 / float16; None keeps the checkpoint's dtype (GGUF: float32).
+    mesh: a `jax.sharding.Mesh` or mesh spec string; the model comes back sharded with expert parallelism.
     """
     path = Path(path)
     if mesh is not None:
-        raise NotImplementedError("mesh= loading arrives with the sharding work")
+        # Sharded loading (converters.sharded): mesh is a jax Mesh or a spec such as "expert=4,data=2";
+        # checked against config.json first, then each process reads only its devices' slices.
+        from converters.sharded import load_sharded
+
+        return load_sharded(path, mesh, dtype, moe_impl)
     if path.suffix == ".gguf":
         from converters.gguf_reader import GGUFCheckpoint
         from converters.hf import model_from_tensors
@@ -29,4 +34,22 @@ def load(path: str | Path, dtype: str | None = None, mesh=None, moe_impl: str = 
     return load_hf(path, dtype, moe_impl)
 
 
-__all__ = ["CheckpointError", "load"]
+def save_hf(model, out_dir: str | Path, layout: str = "legacy", **kw) -> Path:
+    """Write `model` as an HF directory (atomic, sharded safetensors, config, generation config).
+
+    layout: "legacy" per-expert names (transformers v4 and v5) or "fused" (v5 gate_up_proj); keyword
+    options are those of `converters.hf_export.write_hf` (tokenizer_src, dtype, overwrite, ...).
+    """
+    from converters.hf_export import save_hf as _save
+
+    return _save(model, out_dir, layout, **kw)
+
+
+def build_moe(recipe, out_dir: str | Path, **kw):
+    """Build a frankenMoE from a recipe (path or MoERecipe); see `converters.build.build_moe`."""
+    from converters.build import build_moe as _build
+
+    return _build(recipe, out_dir, **kw)
+
+
+__all__ = ["CheckpointError", "build_moe", "load", "save_hf"]
