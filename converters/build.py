@@ -5,6 +5,8 @@ tensors are read from their sources on demand, tensor by tensor, while the write
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import logging
 import tempfile
@@ -17,8 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from converters.errors import CheckpointError
-from converters.gates import Gates, compute_gates, tokenize_prompts
-from converters.hf import state_arrays
+from converters.gates import Gates, PromptEncoder, compute_gates, tokenize_prompts
 from converters.recipe import MoERecipe, OutputPlan, RecipeError, load_recipe, validate_sources
 from jaxmoe.config import ModelConfig
 
@@ -51,8 +52,13 @@ def open_tensors(path: str | Path):
     return CheckpointReader(path)
 
 
-def load_tokenizer(path: str | Path):
-    """The tokenizer of an HF directory or a GGUF file."""
+def load_tokenizer(path: str | Path, light: bool = False):
+    """The tokenizer of an HF directory or a GGUF file; `light`: encode with `tokenizers` alone where the
+    directory has a tokenizer.json (seconds faster than importing transformers' tokenizers)."""
+    from converters.fast_tokenizer import FastTokenizer, can_use
+
+    if light and can_use(path):
+        return FastTokenizer(path)
     from converters.tokenizer import load_tokenizer as _load
 
     return _load(path)
@@ -99,21 +105,26 @@ class BuildResult:
     routing: np.ndarray  # [groups, E]: share of prompt tokens whose top-1 expert is e, per expert's prompts
 
 
-def routing_preview(model, tokenizer, gates: Gates, prompt_groups: list[list[str]], gate_input: str) -> np.ndarray:
+def routing_preview(encoder: PromptEncoder, tokenizer, gates: Gates, prompt_groups: list[list[str]]) -> np.ndarray:
     """Share of tokens (over layers and real tokens) whose top-1 expert is e, for each group of prompts,
     computed from the base model's router inputs (exact while the experts are identical)."""
-    import jax.numpy as jnp
-
-    from converters.gates import _layer_states, _pad_right
-
-    rows = []
-    for prompts in prompt_groups:
-        ids, mask = _pad_right(tokenize_prompts(tokenizer, prompts))
-        states = np.asarray(_layer_states(model, jnp.asarray(ids), jnp.asarray(mask), True))  # [L, B, T, H]
-        logits = np.einsum("lbth,leh->lbte", states, gates.router)
-        top = logits.argmax(-1)[:, mask.astype(bool)]  # [L, tokens]
-        rows.append(np.bincount(top.reshape(-1), minlength=gates.router.shape[1]) / top.size)
+    tokenized = [tokenize_prompts(tokenizer, prompts) for prompts in prompt_groups]
+    top = encoder.top1([s for group in tokenized for s in group], gates.router)  # one pass: one compile
+    rows, start = [], 0
+    for group in tokenized:
+        n = sum(len(s) for s in group)
+        rows.append(np.bincount(top[:, start:start + n].reshape(-1), minlength=gates.router.shape[1]) / top[:, start:start + n].size)
+        start += n
     return np.stack(rows)
+
+
+def _release_memory() -> None:
+    """Give freed heap back to the OS (glibc keeps it otherwise), so the write phase starts lean."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
 
 
 def routing_table(names: list[str], routing: np.ndarray) -> str:
@@ -145,16 +156,21 @@ def build_moe(recipe: str | Path | MoERecipe, out_dir: str | Path, *, dtype: str
     for w in plan.warnings:
         log.warning(w)
     base = converters.load(recipe.base_model, dtype="float32")
-    tokenizer = load_tokenizer(recipe.base_model)
+    tokenizer = load_tokenizer(recipe.base_model, light=True)
     shared = recipe.shared_experts[0] if recipe.shared_experts else None
     bar = (lambda xs: tqdm(xs, desc="gates", unit="expert")) if progress else (lambda xs: xs)
-    gates = compute_gates(recipe.gate_mode, recipe.experts, shared, base, tokenizer, seed, gate_input, bar)
+    encoder = PromptEncoder(base)
+    gates = compute_gates(recipe.gate_mode, recipe.experts, shared, encoder, tokenizer, seed, gate_input, bar)
     if on_gates:
         on_gates(gates)
     out_dtype = dtype or recipe.dtype or plan.dtype or base.config.dtype
     config = output_config(base.config, plan, out_dtype)
-    routing = routing_preview(base, tokenizer, gates, [e.positive_prompts for e in recipe.experts], gate_input)
-    get = _tensor_getter(recipe, config, base, gates, seed)
+    routing = routing_preview(encoder, tokenizer, gates, [e.positive_prompts for e in recipe.experts])
+    # The base model was needed for the gates only: its tensors are written from the source file.
+    base_config = base.config
+    del base, encoder
+    _release_memory()
+    get = _tensor_getter(recipe, config, base_config, gates, seed)
     card = model_card(config, recipe_text=recipe.raw_text, routing_table=routing_table(expert_names(recipe), routing))
     with tempfile.TemporaryDirectory() as tok_dir:
         tokenizer.save_pretrained(tok_dir)
@@ -164,9 +180,12 @@ def build_moe(recipe: str | Path | MoERecipe, out_dir: str | Path, *, dtype: str
     return BuildResult(out_dir, config, gates, routing)
 
 
-def _tensor_getter(recipe: MoERecipe, config: ModelConfig, base, gates: Gates, seed: int):
+def _tensor_getter(recipe: MoERecipe, config: ModelConfig, base_config: ModelConfig, gates: Gates, seed: int):
     """get(our param path) for the writer: base tensors, stacked expert MLPs, routers, shared expert."""
-    base_arrays = state_arrays(base)
+    from converters.hf_export import param_shapes, tensor_source_getter
+
+    base_get = tensor_source_getter(base_config, open_tensors(recipe.base_model), "legacy")
+    base_paths = set(param_shapes(base_config))
     sources: dict[str, ExpertMLPs] = {}
 
     def src(path: str) -> ExpertMLPs:
@@ -194,8 +213,8 @@ def _tensor_getter(recipe: MoERecipe, config: ModelConfig, base, gates: Gates, s
             if rest[0] == "shared_expert":
                 return expert_tensor(recipe.shared_experts[0], len(recipe.experts), layer, rest[1])
             return np.stack([expert_tensor(e, j, layer, rest[0]) for j, e in enumerate(recipe.experts)])
-        if path in base_arrays:
-            return np.asarray(base_arrays[path])
+        if path in base_paths:
+            return np.asarray(base_get(path))
         if parts[-1] in ("q_bias", "k_bias", "v_bias"):  # Qwen2-MoE from a bias-free base: zero biases
             heads = config.num_heads if parts[-1] == "q_bias" else config.num_kv_heads
             return np.zeros((heads, config.head_dim), np.float32)

@@ -44,54 +44,111 @@ def tokenize_prompts(tokenizer: Any, prompts: Sequence[str], bos_prefix: bool = 
     return out
 
 
-def _pad_right(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    t = max(len(s) for s in seqs)
-    ids = np.zeros((len(seqs), t), np.int32)
-    mask = np.zeros((len(seqs), t), np.int32)
+def _pad(seqs: list[list[int]], rows: int, bucket: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad to a multiple of `bucket` tokens and `rows` rows, so batch shapes (and compiles) repeat."""
+    t = -(-max(len(s) for s in seqs) // bucket) * bucket
+    ids = np.zeros((rows, t), np.int32)
+    mask = np.zeros((rows, t), np.int32)
     for i, s in enumerate(seqs):
         ids[i, : len(s)], mask[i, : len(s)] = s, 1
     return ids, mask
 
 
-@nnx.jit(static_argnames=("router_input",))
-def _layer_states(model: Transformer, ids: jax.Array, mask: jax.Array, router_input: bool) -> jax.Array:
-    out = model.forward(ids, attention_mask=mask, return_hidden_states=not router_input,
-                        return_mlp_inputs=router_input)
-    states = out.mlp_inputs if router_input else out.hidden_states
-    return jnp.stack(states).astype(jnp.float32)  # [L, B, T, H]
+class PromptEncoder:
+    """Runs the base model over prompts with correct positions (right padding) under one plain `jax.jit`.
+
+    The parameters are split out once and passed in, never returned, so no call copies the model; batch
+    shapes are bucketed, so a build compiles the forward once or twice. Per prompt it keeps, for every layer,
+    the last real token's state and the mean over real tokens, of both the residual stream entering the
+    layer and the normalised MLP input (what the router sees): never a whole [L, B, T, H] on the host.
+    """
+
+    def __init__(self, model: Transformer, rows: int = 16, bucket: int = 16, keep_bytes: int = 256 << 20):
+        self.graphdef, self.state = nnx.split(model)
+        self.rows, self.bucket = rows, bucket
+        # Router-input states are kept on the host up to this many bytes, so a routing preview needs no
+        # second forward (and no second compile); beyond it `top1` runs the model again.
+        self.keep_bytes, self.kept = keep_bytes, 0
+        self._features = jax.jit(self._features_fn)
+        self._top1 = jax.jit(self._top1_fn)
+        self.cache: dict[tuple[int, ...], dict[str, np.ndarray]] = {}
+
+    def _states(self, state, ids, mask):
+        out = nnx.merge(self.graphdef, state).forward(ids, attention_mask=mask, return_hidden_states=True,
+                                                        return_mlp_inputs=True)
+        return {"residual": jnp.stack(out.hidden_states).astype(jnp.float32),
+                "router_input": jnp.stack(out.mlp_inputs).astype(jnp.float32)}  # [L, B, T, H]
+
+    def _features_fn(self, state, ids, mask):
+        last = jnp.maximum(mask.sum(1) - 1, 0)
+        m = mask[None, :, :, None].astype(jnp.float32)
+        feats = {}
+        states = self._states(state, ids, mask)
+        for name, h in states.items():
+            feats[f"{name}/last"] = h[:, jnp.arange(ids.shape[0]), last]
+            feats[f"{name}/mean"] = (h * m).sum(2) / jnp.maximum(m.sum(2), 1.0)
+        return feats, states["router_input"]
+
+    def _top1_fn(self, state, ids, mask, router):
+        h = self._states(state, ids, mask)["router_input"]
+        return jnp.einsum("lbth,leh->lbte", h, router).argmax(-1)
+
+    def _batches(self, tokenized: list[list[int]]):
+        # Rows padded to a power of two (at most self.rows): few shapes, little wasted compute.
+        rows = min(self.rows, 1 << (max(len(tokenized), 1) - 1).bit_length())
+        for start in range(0, len(tokenized), rows):
+            chunk = tokenized[start:start + rows]
+            yield chunk, _pad(chunk, rows, self.bucket)
+
+    def features(self, tokenized: list[list[int]]) -> dict[str, np.ndarray]:
+        """{"residual/last", "residual/mean", "router_input/last", "router_input/mean"} -> [L, N, H]."""
+        todo = [s for s in dict.fromkeys(map(tuple, tokenized)) if s not in self.cache]
+        for chunk, (ids, mask) in self._batches([list(s) for s in todo]):
+            feats, states = self._features(self.state, ids, mask)
+            out = {k: np.asarray(v) for k, v in feats.items()}
+            keep = self.kept + states.size * 4 <= self.keep_bytes
+            states = np.asarray(states) if keep else None
+            self.kept += states.size * 4 if keep else 0
+            for i, s in enumerate(chunk):
+                self.cache[tuple(s)] = {k: v[:, i] for k, v in out.items()}
+                if keep:
+                    self.cache[tuple(s)]["states"] = states[:, i, : len(s)]
+        rows = [self.cache[tuple(s)] for s in tokenized]
+        return {k: np.stack([r[k] for r in rows], axis=1) for k in rows[0] if k != "states"}
+
+    def top1(self, tokenized: list[list[int]], router: np.ndarray) -> np.ndarray:
+        """Top-1 expert of every real token at every layer (router [L, E, H]), concatenated: [L, tokens]."""
+        cached = [self.cache.get(tuple(s), {}).get("states") for s in tokenized]
+        if all(c is not None for c in cached):
+            return np.concatenate([np.einsum("lth,leh->lte", c, router).argmax(-1) for c in cached], axis=1)
+        out = []
+        for chunk, (ids, mask) in self._batches(tokenized):
+            top = np.asarray(self._top1(self.state, ids, mask, jnp.asarray(router, jnp.float32)))
+            out.append(top[:, mask.astype(bool)])
+        return np.concatenate(out, axis=1)
 
 
-def prompt_states(model: Transformer, tokenized: list[list[int]], reduce: str, gate_input: str = "residual",
-                  batch_size: int = 8) -> np.ndarray:
+def prompt_states(model: Transformer | PromptEncoder, tokenized: list[list[int]], reduce: str,
+                  gate_input: str = "residual") -> np.ndarray:
     """Per layer, the mean over prompts of each prompt's last-token ("last") or mean-over-real-tokens
     ("mean") state: [L, H] float32."""
     if gate_input not in GATE_INPUTS:
         raise ValueError(f"gate_input: '{gate_input}' is not one of {', '.join(GATE_INPUTS)}")
-    total = None
-    for start in range(0, len(tokenized), batch_size):
-        ids, mask = _pad_right(tokenized[start:start + batch_size])
-        states = np.asarray(_layer_states(model, jnp.asarray(ids), jnp.asarray(mask), gate_input == "router_input"))
-        if reduce == "last":
-            last = mask.sum(1) - 1
-            per_prompt = states[:, np.arange(len(ids)), last]  # [L, B, H]
-        else:
-            m = mask[None, :, :, None].astype(np.float32)
-            per_prompt = (states * m).sum(2) / m.sum(2)
-        s = per_prompt.sum(1)
-        total = s if total is None else total + s
-    return total / len(tokenized)
+    enc = model if isinstance(model, PromptEncoder) else PromptEncoder(model)
+    return enc.features(tokenized)[f"{gate_input}/{reduce}"].mean(axis=1)
 
 
 def _normalize(v: np.ndarray) -> np.ndarray:
     return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-8)
 
 
-def hidden_gate(model: Transformer, tokenizer: Any, positive: Sequence[str], negative: Sequence[str],
+def hidden_gate(model: Transformer | PromptEncoder, tokenizer: Any, positive: Sequence[str], negative: Sequence[str],
                 reduce: str = "last", gate_input: str = "residual") -> np.ndarray:
     """mergekit hidden / hidden_avg: normalize(mean_pos h_l - mean_neg h_l) per layer, [L, H]."""
-    v = prompt_states(model, tokenize_prompts(tokenizer, positive), reduce, gate_input)
+    enc = model if isinstance(model, PromptEncoder) else PromptEncoder(model)
+    v = prompt_states(enc, tokenize_prompts(tokenizer, positive), reduce, gate_input)
     if negative:
-        v = v - prompt_states(model, tokenize_prompts(tokenizer, negative), reduce, gate_input)
+        v = v - prompt_states(enc, tokenize_prompts(tokenizer, negative), reduce, gate_input)
     return _normalize(v)
 
 
@@ -138,11 +195,14 @@ def gate_condition_numbers(router: np.ndarray) -> np.ndarray:
     return s[:, 0] / np.maximum(s[:, -1], 1e-30)
 
 
-def compute_gates(mode: str, experts: Sequence[Any], shared: Any | None, model: Transformer, tokenizer: Any,
+def compute_gates(mode: str, experts: Sequence[Any], shared: Any | None, model: Transformer | PromptEncoder,
+                  tokenizer: Any,
                   seed: int = 0, gate_input: str = "residual",
                   progress: Callable[[Sequence[Any]], Any] = lambda xs: xs) -> Gates:
     """Router vectors for `experts` (objects with positive_prompts / negative_prompts) in `mode`, plus the
     shared expert's gate vector when there is a shared expert."""
+    enc = model if isinstance(model, PromptEncoder) else None
+    model = nnx.merge(enc.graphdef, enc.state) if enc else model
     c = model.config
     L, H = c.num_layers, c.hidden_size
     everyone = list(experts) + ([shared] if shared is not None else [])
@@ -155,13 +215,18 @@ def compute_gates(mode: str, experts: Sequence[Any], shared: Any | None, model: 
     elif mode == "embed_algebra":
         g = embed_algebra_gates(embed, tokenizer, [(e.positive_prompts, e.negative_prompts) for e in everyone], L, rng)
     else:
+        if mode != "cheap_embed":
+            enc = enc or PromptEncoder(model)
+            # One pass over every distinct prompt first: the forward compiles once per length bucket.
+            enc.features([s for e in everyone for s in tokenize_prompts(
+                tokenizer, list(e.positive_prompts) + list(e.negative_prompts))])
         vecs = []
         for e in progress(everyone):
             if mode == "cheap_embed":
                 vecs.append(cheap_embed_gate(embed, tokenizer, e.positive_prompts, e.negative_prompts, L))
             else:
                 reduce = "mean" if mode == "hidden_avg" else "last"
-                vecs.append(hidden_gate(model, tokenizer, e.positive_prompts, e.negative_prompts, reduce, gate_input))
+                vecs.append(hidden_gate(enc, tokenizer, e.positive_prompts, e.negative_prompts, reduce, gate_input))
         g = np.stack(vecs, axis=1)
     router = np.ascontiguousarray(g[:, : len(experts)])
     cond = gate_condition_numbers(router)

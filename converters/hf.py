@@ -48,9 +48,17 @@ def _split_target(name: str) -> tuple[str, int | None]:
     return (m.group(1), int(m.group(2))) if m else (name, None)
 
 
+class _ConstantRngs:
+    """Stands in for nnx.Rngs when only shapes matter: a real Rngs updates a counter Variable per parameter,
+    which under tracing costs time quadratic in the number of parameters."""
+
+    def params(self) -> jax.Array:
+        return jax.random.key(0)
+
+
 def abstract_model(config: ModelConfig, dtype: str | None = None, moe_impl: str = "ragged") -> Transformer:
     """The model's structure with shapes only, no memory allocated."""
-    return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0), dtype=dtype, moe_impl=moe_impl))
+    return nnx.eval_shape(lambda: Transformer(config, rngs=_ConstantRngs(), dtype=dtype, moe_impl=moe_impl))
 
 
 def model_from_tensors(config: ModelConfig, source: TensorSource, name: str, dtype: str | None = None,

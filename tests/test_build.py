@@ -80,7 +80,7 @@ def test_mixtral_build_loads_in_transformers_with_our_logits(sources, tmp_path):
                           src1.get("model.layers.2.mlp.down_proj.weight"))
     base_model, tok = converters.load(base), make_tokenizer()
     gate = hidden_gate(base_model, tok, *PROMPTS["math"])
-    assert np.array_equal(out.get("model.layers.0.block_sparse_moe.gate.weight")[1], gate[0])
+    assert np.abs(out.get("model.layers.0.block_sparse_moe.gate.weight")[1] - gate[0]).max() <= 1e-6
     assert (tmp_path / "out" / "mergekit_moe_config.yml").read_text() == recipe.read_text()
     card = (tmp_path / "out" / "README.md").read_text()
     assert "gate_mode: hidden" in card

@@ -119,9 +119,9 @@ def test_compute_gates_stacks_experts_and_shared(setup):
     experts = [_E(POS, NEG), _E(NEG, POS)]
     g = compute_gates("hidden", experts, _E(["the number 1 2 3"]), model, tok)
     assert g.router.shape == (3, 2, 32) and g.shared.shape == (3, 32)
-    assert np.abs(g.router[:, 0] - hidden_gate(model, tok, POS, NEG)).max() == 0
+    assert np.abs(g.router[:, 0] - hidden_gate(model, tok, POS, NEG)).max() <= 1e-6  # batching may differ
     assert np.abs(g.router[:, 1] + g.router[:, 0]).max() <= 1e-6  # swapped prompts: the opposite vector
-    assert np.abs(g.shared - hidden_gate(model, tok, ["the number 1 2 3"], [])).max() == 0
+    assert np.abs(g.shared - hidden_gate(model, tok, ["the number 1 2 3"], [])).max() <= 1e-6
 
 
 def test_degenerate_gates_warn(setup, caplog):

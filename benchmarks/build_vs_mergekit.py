@@ -1,0 +1,618 @@
+"""Building a frankenMoE: `jaxmoe build` vs `mergekit-moe`, same recipe, CPU, float32.
+
+The recipe: gate_mode hidden, 4 experts, top-2, dtype float32. Base model A = SmolLM2-135M-Instruct (its Q4_1
+GGUF turned into a float32 HF directory by `jaxmoe convert`, ~540 MB; mergekit cannot read GGUF). Experts are
+A, B, A, B, where B is A with every MLP tensor perturbed by small deterministic noise. Two distinct sources make
+the comparison meaningful (an expert written in the wrong slot, or from the wrong source, shows up as a
+difference, which four copies of one model would hide) and mergekit then needs no
+`--i-understand-this-is-not-useful-without-training`. float32 everywhere, so every copied tensor must come out
+bit-identical; only the routers may differ: mergekit computes its hidden states in bfloat16 (the model is
+loaded with torch_dtype=bfloat16), jaxmoe in float32.
+
+Prompts are chosen so that padding plays no part: within each expert's positive (and negative) list every prompt
+has the same token count (checked with mergekit's own tokenize_prompts before anything is timed), so mergekit's
+left padding and its position shift of padded rows never happen.
+
+Each tool runs once per repeat in its own subprocess (`mergekit-moe RECIPE OUT --device cpu` from a separate
+virtualenv with torch 2.13.0 CPU; `jaxmoe build RECIPE OUT --no-progress` with this interpreter), started cold:
+the wall time includes interpreter start, imports, model loading, JAX compilation and writing, because the user
+waits for all of it. Peak RSS is that child's ru_maxrss (os.wait4). Sources are read into the page cache before
+every run, so neither pays cold-disk reads. Both tools use their default shard size (5 GB, one shard here).
+
+Outputs are compared tensor by tensor after mapping names both ways (mergekit 0.1.5 writes the transformers-v5
+fused `mlp.experts.gate_up_proj` / `down_proj` and `mlp.gate`; jaxmoe by default the legacy per-expert
+`block_sparse_moe.experts.{j}.w1/w2/w3`). Extra diagnostic, untimed: mergekit's own gate code run with float32
+hidden states, to separate bfloat16 noise from a difference in method.
+
+    python benchmarks/build_vs_mergekit.py              # SmolLM2-135M, 1 repeat
+    python benchmarks/build_vs_mergekit.py --repeats 3  # report the min wall time of 3 alternating runs
+    python benchmarks/build_vs_mergekit.py --quick      # tiny random llama: checks the pipeline in ~1 min
+Writes benchmarks/results/build_vs_mergekit.{json,md} (--quick: build_vs_mergekit.quick.{json,md}).
+Exit status: non-zero on errors only; missed goals are reported, not fatal.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+MERGEKIT_VERSION = "0.1.5"  # verified: writes Mixtral with transformers-v5 fused experts; needs transformers>=5
+TORCH_PIN = "torch==2.13.0"  # the CPU wheel in /opt/wheels; any other spec would pull GBs of CUDA wheels
+GOALS = dict(wall_ratio=0.5, rss_ratio=0.5, gate_cosine=0.999)
+PERTURB = 0.01  # B = A + N(0, (PERTURB * std(w))^2) on every MLP tensor
+JAXMOE_MAIN = "import sys; from jaxmoe.cli import main; sys.exit(main())"
+
+# Each list: prompts of one token length (SmolLM2 tokenizer), so left padding never happens in mergekit. The
+# lists end in different tokens: the layer-0 gate is the last token's embedding, so equal last tokens (say a
+# final ".") would make layer-0 gates equal across experts, or zero for pos - neg.
+PROMPTS_SMOLLM2 = [
+    dict(positive_prompts=["Write a Python function that sorts a list of numbers",
+                           "Write a Python function that sorts a list of strings"]),
+    dict(positive_prompts=["Solve the equation for x: 3x + 5 = 20",
+                           "Solve the equation for y: 7y - 2 = 12"],
+         negative_prompts=["Write a short poem about autumn leaves"]),
+    dict(positive_prompts=["Tell me a bedtime story about a brave little fox",
+                           "Tell me a bedtime story about a curious little owl"]),
+    dict(positive_prompts=["What is the capital city of France?",
+                           "What is the capital city of Japan?"]),
+]
+# Word-level tokenizer of --quick: one token per word, so equal word counts mean equal token counts.
+PROMPTS_QUICK = [
+    dict(positive_prompts=["python code function list", "write code function sum"]),
+    dict(positive_prompts=["math number add sum", "add two number x"], negative_prompts=["story time"]),
+    dict(positive_prompts=["story about a man", "story about the water"]),
+    dict(positive_prompts=["what is the time", "where is the water"]),
+]
+QUICK_WORDS = ("python code math story chat number function list sum add x y 1 2 3 ? . , ! : the a an of to and "
+               "in is it that for on with as was at by be this from or have not are but what all were when we "
+               "there can your which their said if do will each about how up out them then she many some so "
+               "two like him see time could no make than first been its who now people my made over did down "
+               "only way find use may water long little very after words called just where most know get write "
+               "man time day").split()
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", flush=True)
+
+
+def run_logged(cmd: list, **kw) -> subprocess.CompletedProcess:
+    log("$ " + " ".join(shlex.quote(str(c)) for c in cmd))
+    return subprocess.run([str(c) for c in cmd], check=True, **kw)
+
+
+def cache_root() -> Path:
+    env = os.environ.get("JAXMOE_CACHE")
+    return (Path(env).expanduser() if env else Path.home() / ".cache" / "jaxmoe") / "bench"
+
+
+# ---- the mergekit virtualenv ----------------------------------------------------------------------------
+
+
+def _venv_versions(py: Path) -> dict | None:
+    code = ("import importlib.metadata as m, json, torch; print(json.dumps({p: m.version(p) for p in "
+            "('mergekit', 'torch', 'transformers', 'safetensors')} | {'cuda': torch.version.cuda}))")
+    proc = subprocess.run([str(py), "-c", code], capture_output=True, text=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 and proc.stdout.strip() else None
+
+
+def ensure_venv(venv: Path, version: str) -> dict:
+    """A virtualenv at `venv` with torch 2.13.0 (CPU) and mergekit==version; created once, then reused."""
+    py = venv / "bin" / "python"
+    have = _venv_versions(py) if py.is_file() and (venv / "bin" / "mergekit-moe").is_file() else None
+    if have and have["mergekit"] == version and have["torch"].startswith("2.13.0") and not have["cuda"]:
+        log(f"mergekit venv: reusing {venv} ({', '.join(f'{k} {v}' for k, v in have.items())})")
+        return have
+    log(f"mergekit venv: {'updating' if py.is_file() else 'creating'} {venv} (torch 2.13.0 CPU, then "
+        f"mergekit=={version}; one-off, downloads ~100 MB of pure-Python deps from PyPI)")
+    if not py.is_file():
+        venv.parent.mkdir(parents=True, exist_ok=True)
+        run_logged([sys.executable, "-m", "venv", venv])
+    constraints = venv / "bench-constraints.txt"
+    constraints.write_text(TORCH_PIN + "\n")  # keeps the resolver from ever replacing torch
+    pip = [py, "-m", "pip", "install", "--disable-pip-version-check"]
+    run_logged(pip + [TORCH_PIN])
+    run_logged(pip + ["-c", constraints, f"mergekit=={version}"])
+    have = _venv_versions(py)
+    if not have or have["mergekit"] != version or not have["torch"].startswith("2.13.0") or have["cuda"]:
+        raise RuntimeError(f"{venv}: unexpected packages after install: {have}")
+    log(f"mergekit venv ready: {', '.join(f'{k} {v}' for k, v in have.items())}")
+    return have
+
+
+# ---- the models -----------------------------------------------------------------------------------------
+
+
+def _sources_complete(d: Path) -> bool:
+    return (d / "config.json").is_file() and any(d.glob("*.safetensors"))
+
+
+def make_perturbed(src: Path, dst: Path) -> Path:
+    """dst = src with every `.mlp.` tensor w replaced by w + N(0, (PERTURB*std(w))^2), seeded by its name."""
+    from safetensors.numpy import load_file, save_file
+
+    if _sources_complete(dst):
+        return dst
+    log(f"perturbed copy of {src.name} -> {dst}")
+    tmp = Path(tempfile.mkdtemp(prefix=dst.name + ".tmp-", dir=dst.parent))
+    try:
+        for f in sorted(src.iterdir()):
+            if f.suffix != ".safetensors":
+                if f.is_file():
+                    shutil.copyfile(f, tmp / f.name)
+                continue
+            tensors = load_file(f)
+            for name, w in tensors.items():
+                if ".mlp." in name:
+                    rng = np.random.default_rng(zlib.crc32(name.encode()))
+                    noise = rng.standard_normal(w.shape, dtype=np.float32) * np.float32(PERTURB * w.std())
+                    tensors[name] = (w + noise).astype(w.dtype)
+            save_file(tensors, tmp / f.name, metadata={"format": "pt"})
+            del tensors
+        os.replace(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst
+
+
+def prepare_smollm2(cache: Path) -> tuple[Path, Path]:
+    """(A, B): SmolLM2-135M-Instruct as a float32 HF directory via `jaxmoe convert`, and its perturbed copy."""
+    sys.path.insert(0, str(ROOT))
+    from converters.smollm2 import fetch_smollm2
+
+    a = cache / "smollm2-135m-instruct-f32"
+    if not _sources_complete(a):
+        gguf = fetch_smollm2()
+        cache.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(a, ignore_errors=True)
+        run_logged([sys.executable, "-c", JAXMOE_MAIN, "convert", gguf, a, "--dtype", "float32", "--no-progress"],
+                   env=child_env())
+    else:
+        log(f"model A: reusing {a}")
+    return a, make_perturbed(a, cache / "smollm2-135m-instruct-f32-perturbed")
+
+
+QUICK_MODEL = r'''
+import sys, torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+out, words = sys.argv[1], sys.argv[2].split()
+vocab = ["<pad>", "<s>", "</s>", "<unk>"] + words[:124]
+tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                               unk_token="<unk>")
+cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=0)
+torch.manual_seed(0)
+LlamaForCausalLM(cfg).to(torch.float32).save_pretrained(out)
+fast.save_pretrained(out)
+'''
+
+
+def prepare_quick(tmp: Path, venv: Path) -> tuple[Path, Path]:
+    """(A, B): a tiny random Llama (2 layers, H 64, vocab 128, untied lm_head) with a word-level tokenizer,
+    written by transformers in the mergekit venv (this interpreter needs no torch)."""
+    a = tmp / "tiny-llama"
+    words = " ".join(dict.fromkeys(QUICK_WORDS))
+    subprocess.run([str(venv / "bin" / "python"), "-c", QUICK_MODEL, str(a), words], check=True, env=child_env(),
+                   capture_output=True)
+    log(f"quick: tiny random llama at {a}")
+    return a, make_perturbed(a, tmp / "tiny-llama-perturbed")
+
+
+def write_recipe(path: Path, a: Path, b: Path, prompts: list[dict]) -> str:
+    import yaml
+
+    recipe = dict(base_model=str(a), gate_mode="hidden", dtype="float32", experts_per_token=2,
+                  experts=[dict(source_model=str(src), **p) for src, p in zip((a, b, a, b), prompts)])
+    text = yaml.safe_dump(recipe, sort_keys=False, width=120)
+    path.write_text(text)
+    return text
+
+
+# ---- untimed checks in the mergekit venv: tokenization and float32 gates -------------------------------------
+
+MERGEKIT_PROBE = r'''
+import json, sys
+import numpy as np, torch, transformers, yaml
+from mergekit.moe.config import MoEMergeConfig
+from mergekit.moe.router import get_hidden_states, tokenize_prompts
+
+recipe, out = sys.argv[1], sys.argv[2]
+cfg = MoEMergeConfig.model_validate(yaml.safe_load(open(recipe)))
+base = cfg.base_model.model.path
+tok = transformers.AutoTokenizer.from_pretrained(base)  # mutated exactly as mergekit-moe does
+tok.padding_side = "left"
+tok.pad_token_id = tok.bos_token_id
+if tok.pad_token_id is None:
+    tok.pad_token = tok.eos_token
+ids = []
+for e in cfg.experts:
+    groups = {}
+    for k in ("positive_prompts", "negative_prompts"):
+        if getattr(e, k):
+            t = tokenize_prompts(getattr(e, k), tok)  # as mergekit batches them: left-padded with BOS
+            groups[k] = [[i for i, m in zip(r, mr) if m] for r, mr in zip(t["input_ids"].tolist(),
+                                                                        t["attention_mask"].tolist())]
+    ids.append(groups)
+model = transformers.AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
+model.eval()
+vecs = []
+for e in cfg.experts:  # mergekit.moe.router.get_gate_params "hidden", but with float32 hidden states
+    h = get_hidden_states(model, tokenize_prompts(e.positive_prompts, tok), average=False)
+    if e.negative_prompts:
+        h -= get_hidden_states(model, tokenize_prompts(e.negative_prompts, tok), average=False)
+    vecs.append(h / h.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-8))
+np.save(out + ".npy", torch.stack(vecs, 1).float().numpy())  # [L, E, H]
+json.dump({"ids": ids, "bos": tok.bos_token_id}, open(out + ".json", "w"))
+'''
+
+
+def mergekit_probe(venv: Path, recipe: Path, work: Path, env: dict) -> tuple[np.ndarray, list]:
+    out = work / "mergekit_fp32_gates"
+    log("untimed: mergekit's gate code with float32 hidden states + its tokenization of the prompts")
+    proc = subprocess.run([str(venv / "bin" / "python"), "-c", MERGEKIT_PROBE, str(recipe), str(out)],
+                          env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"mergekit probe failed:\n{proc.stderr[-3000:]}")
+    return np.load(str(out) + ".npy"), json.loads(Path(str(out) + ".json").read_text())["ids"]
+
+
+def check_prompts(ids: list[dict], base: Path, recipe_prompts: list[dict]) -> dict:
+    """Every list of prompts has a single token length (no padding in mergekit), and mergekit's token ids
+    equal jaxmoe's (BOS id + the prompt's ids)."""
+    sys.path.insert(0, str(ROOT))
+    from converters.gates import tokenize_prompts
+    from converters.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(base)
+    lengths, same_ids = [], True
+    for j, (groups, p) in enumerate(zip(ids, recipe_prompts)):
+        for key, rows in groups.items():
+            n = {len(r) for r in rows}
+            lengths.append(dict(expert=j, list=key, tokens=sorted(n)))
+            ours = tokenize_prompts(tok, p[key])
+            if len(n) != 1:
+                raise RuntimeError(f"expert {j} {key}: token lengths {sorted(n)} differ, so mergekit would left-pad "
+                                   f"and shift positions; choose prompts of one length")
+            same_ids &= ours == rows
+    log(f"prompts: one token length per list ({', '.join(str(x['tokens'][0]) for x in lengths)}); "
+        f"mergekit and jaxmoe token ids {'identical' if same_ids else 'DIFFER'}")
+    return dict(lengths=lengths, same_ids=same_ids)
+
+
+# ---- timed runs -----------------------------------------------------------------------------------------
+
+
+def child_env() -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def warm_page_cache(dirs: list[Path]) -> None:
+    for d in dirs:
+        for f in d.iterdir():
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    while fh.read(1 << 24):
+                        pass
+
+
+def measure(name: str, cmd: list, log_path: Path) -> dict:
+    """Run cmd; wall time, that child's peak RSS (ru_maxrss) and CPU time; raises on failure."""
+    log(f"timed: {name}: $ " + " ".join(shlex.quote(str(c)) for c in cmd))
+    load0 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    with open(log_path, "w") as fh:
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT, env=child_env())
+        _, status, ru = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-30:])
+        raise RuntimeError(f"{name} exited with {proc.returncode}; log {log_path}:\n{tail}")
+    r = dict(wall_s=wall, peak_rss_mib=ru.ru_maxrss / 1024, cpu_s=ru.ru_utime + ru.ru_stime,
+             load1_before=load0, load1_after=os.getloadavg()[0])
+    log(f"  {name}: {wall:.1f} s wall, {r['cpu_s']:.1f} s CPU, peak RSS {r['peak_rss_mib']:.0f} MiB "
+        f"(load {load0:.1f} -> {r['load1_after']:.1f})")
+    return r
+
+
+# ---- output comparison ----------------------------------------------------------------------------------
+
+EXPERT_LEGACY = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight")
+EXPERT_FUSED = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
+ROUTER = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.gate\.weight")
+W_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj",
+           "gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}
+
+
+class Output:
+    """An HF output directory read lazily under canonical names: `model.layers.{i}.experts.{j}.{gate,up,down}_proj`
+    ([out, in], per expert), `model.layers.{i}.router` [E, H], everything else under its own HF name."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.path = path
+        self.config = json.loads((path / "config.json").read_text())
+        inter = self.config["intermediate_size"]
+        self.files = [safe_open(str(f), "np") for f in sorted(path.glob("*.safetensors"))]
+        self.index: dict[str, tuple] = {}  # canonical -> (file, hf name, slicer)
+        self.layout = "legacy"
+        for fh in self.files:
+            for hf in fh.keys():
+                if m := EXPERT_LEGACY.fullmatch(hf):
+                    self.index[f"model.layers.{m[1]}.experts.{m[2]}.{W_NAMES[m[3]]}"] = (fh, hf, None)
+                elif m := EXPERT_FUSED.fullmatch(hf):
+                    self.layout = "fused"
+                    shape = fh.get_slice(hf).get_shape()
+                    for j in range(shape[0]):
+                        pre = f"model.layers.{m[1]}.experts.{j}"
+                        if m[2] == "down_proj":
+                            self.index[f"{pre}.down_proj"] = (fh, hf, (j, slice(None)))
+                        elif shape[1] == 2 * inter:  # [E, 2I, H]: gate rows first
+                            self.index[f"{pre}.gate_proj"] = (fh, hf, (j, slice(0, inter)))
+                            self.index[f"{pre}.up_proj"] = (fh, hf, (j, slice(inter, None)))
+                        else:
+                            raise RuntimeError(f"{path}: {hf} has shape {shape}; expected [E, 2I, H]")
+                elif m := ROUTER.fullmatch(hf):
+                    self.index[f"model.layers.{m[1]}.router"] = (fh, hf, None)
+                else:
+                    self.index[hf] = (fh, hf, None)
+        self._last: tuple[str, np.ndarray] | None = None
+
+    def get(self, name: str) -> np.ndarray:
+        fh, hf, sl = self.index[name]
+        if sl is None:
+            return fh.get_tensor(hf)
+        if self._last is None or self._last[0] != hf:
+            self._last = (hf, fh.get_tensor(hf))
+        return self._last[1][sl]
+
+    def dtypes(self) -> set[str]:
+        return {str(fh.get_slice(hf).get_dtype()) for fh, hf, _ in self.index.values()}
+
+
+def group_of(name: str) -> str:
+    if ".experts." in name:
+        return "experts"
+    if name.endswith(".router"):
+        return "routers"
+    if "embed_tokens" in name or name.startswith("lm_head"):
+        return "embed / lm_head"
+    if "self_attn" in name:
+        return "attention"
+    if "norm" in name:
+        return "norms"
+    return "other"
+
+
+def source_of(name: str, base: Path, sources: list[Path]) -> tuple[Path, str]:
+    """(source dir, HF tensor name) that canonical tensor `name` was copied from."""
+    m = re.fullmatch(r"model\.layers\.(\d+)\.experts\.(\d+)\.(\w+)", name)
+    if m:
+        return sources[int(m[2])], f"model.layers.{m[1]}.mlp.{m[3]}.weight"
+    return base, name
+
+
+def compare(mk: Output, jx: Output, base: Path, sources: list[Path], fp32_gates: np.ndarray) -> dict:
+    from safetensors import safe_open
+
+    src_files: dict[Path, dict] = {}
+
+    def src_tensor(d: Path, hf: str):
+        if d not in src_files:
+            src_files[d] = {k: fh for fh in (safe_open(str(f), "np") for f in sorted(d.glob("*.safetensors")))
+                            for k in fh.keys()}
+        fh = src_files[d].get(hf)
+        if fh is None and hf == "lm_head.weight":  # tied: the embedding
+            fh, hf = src_files[d].get("model.embed_tokens.weight"), "model.embed_tokens.weight"
+        return None if fh is None else fh.get_tensor(hf)
+
+    names_mk, names_jx = set(mk.index), set(jx.index)
+    groups: dict[str, dict] = {}
+    mismatches = []
+    for name in sorted(names_mk & names_jx, key=lambda n: (group_of(n), n)):
+        a, b = mk.get(name), jx.get(name)
+        g = groups.setdefault(group_of(name), dict(tensors=0, max_abs_diff=0.0, identical=0, mk_eq_source=0,
+                                                   jx_eq_source=0, with_source=0))
+        g["tensors"] += 1
+        if a.shape != b.shape:
+            mismatches.append(f"{name}: shape {a.shape} vs {b.shape}")
+            g["max_abs_diff"] = float("inf")
+            continue
+        g["max_abs_diff"] = max(g["max_abs_diff"], float(np.max(np.abs(a.astype(np.float64) - b))) if a.size else 0.0)
+        same = a.dtype == b.dtype and np.array_equal(a, b)
+        g["identical"] += same
+        if not same and group_of(name) != "routers":
+            mismatches.append(name)
+        if group_of(name) != "routers":
+            s = src_tensor(*source_of(name, base, sources))
+            if s is not None:
+                g["with_source"] += 1
+                g["mk_eq_source"] += bool(s.shape == a.shape and np.array_equal(s.astype(a.dtype), a))
+                g["jx_eq_source"] += bool(s.shape == b.shape and np.array_equal(s.astype(b.dtype), b))
+
+    # Routers: cosine per (layer, expert), against each other and against mergekit's code in float32.
+    layers = sorted(int(n.split(".")[2]) for n in names_mk & names_jx if n.endswith(".router"))
+
+    def cos(x, y):  # two zero vectors (mergekit's clamp leaves a zero difference at zero) count as equal
+        x, y = x.astype(np.float64), y.astype(np.float64)
+        nx, ny = np.linalg.norm(x, axis=-1), np.linalg.norm(y, axis=-1)
+        c = (x * y).sum(-1) / np.maximum(nx * ny, 1e-300)
+        return np.where((nx < 1e-12) & (ny < 1e-12), 1.0, c)
+
+    r_mk = np.stack([mk.get(f"model.layers.{i}.router") for i in layers])
+    r_jx = np.stack([jx.get(f"model.layers.{i}.router") for i in layers])
+    c = cos(r_mk, r_jx)  # [L, E]
+    c_jx32 = cos(r_jx, fp32_gates[layers])
+    c_mk32 = cos(r_mk, fp32_gates[layers])
+    worst = np.unravel_index(np.argmin(c), c.shape)
+    gates = dict(
+        cosine_min=float(c.min()), cosine_mean=float(c.mean()), worst_layer=int(layers[worst[0]]),
+        worst_expert=int(worst[1]), cosine_min_per_layer=[float(x) for x in c.min(1)],
+        jaxmoe_vs_mergekit_fp32_min=float(c_jx32.min()), mergekit_bf16_vs_mergekit_fp32_min=float(c_mk32.min()),
+        norm_jaxmoe=[float(np.linalg.norm(r_jx, axis=-1).min()), float(np.linalg.norm(r_jx, axis=-1).max())],
+        norm_mergekit=[float(np.linalg.norm(r_mk, axis=-1).min()), float(np.linalg.norm(r_mk, axis=-1).max())])
+    cfg_diff = {k: [mk.config.get(k), jx.config.get(k)] for k in sorted(set(mk.config) | set(jx.config))
+                if mk.config.get(k) != jx.config.get(k)}
+    non_gate = [g for k, g in groups.items() if k != "routers"]
+    return dict(
+        groups=groups, gates=gates, only_in_mergekit=sorted(names_mk - names_jx),
+        only_in_jaxmoe=sorted(names_jx - names_mk), mismatched_tensors=mismatches[:50],
+        non_gate_identical=not mismatches and names_mk == names_jx and all(g["identical"] == g["tensors"]
+                                                                             for g in non_gate),
+        layouts=dict(mergekit=mk.layout, jaxmoe=jx.layout),
+        dtypes=dict(mergekit=sorted(mk.dtypes()), jaxmoe=sorted(jx.dtypes())),
+        config_differences=cfg_diff,
+        files=dict(mergekit=sorted(p.name for p in mk.path.iterdir()), jaxmoe=sorted(p.name for p in jx.path.iterdir())),
+        output_bytes=dict(mergekit=sum(f.stat().st_size for f in mk.path.glob("*.safetensors")),
+                          jaxmoe=sum(f.stat().st_size for f in jx.path.glob("*.safetensors"))))
+
+
+# ---- report ---------------------------------------------------------------------------------------------
+
+
+def markdown(res: dict) -> str:
+    t, c, g = res["timing"], res["comparison"], res["goals"]
+    mark = lambda ok: "met" if ok else "**missed**"  # noqa: E731
+    rows = [
+        "| | mergekit-moe | jaxmoe build | jaxmoe / mergekit | goal |",
+        "|---|---|---|---|---|",
+        f"| wall time, s (min of {res['repeats']}) | {t['mergekit']['wall_s']:.1f} | {t['jaxmoe']['wall_s']:.1f} | "
+        f"{t['wall_ratio']:.2f} | <= {GOALS['wall_ratio']} ({mark(g['wall'])}) |",
+        f"| peak RSS, MiB (max of {res['repeats']}) | {t['mergekit']['peak_rss_mib']:.0f} | "
+        f"{t['jaxmoe']['peak_rss_mib']:.0f} | {t['rss_ratio']:.2f} | <= {GOALS['rss_ratio']} ({mark(g['rss'])}) |",
+        f"| CPU time, s (min) | {t['mergekit']['cpu_s']:.1f} | {t['jaxmoe']['cpu_s']:.1f} | "
+        f"{t['jaxmoe']['cpu_s'] / t['mergekit']['cpu_s']:.2f} | |",
+    ]
+    runs = "; ".join(f"{k}: " + ", ".join(f"{x['wall_s']:.1f} s / {x['peak_rss_mib']:.0f} MiB" for x in v)
+                     for k, v in t["runs"].items())
+    rows.append(f"\nAll runs in order of repeat (wall / peak RSS): {runs}.")
+    out = [f"Model: {res['model']}; {res['machine']}", ""] + rows + ["", "| tensor group | tensors | max abs diff "
+           "| identical | mergekit = source | jaxmoe = source |", "|---|---|---|---|---|---|"]
+    for name, grp in c["groups"].items():
+        src = (lambda k: f"{grp[k]}/{grp['with_source']}") if name != "routers" else (lambda k: "-")
+        out.append(f"| {name} | {grp['tensors']} | {grp['max_abs_diff']:.3g} | {grp['identical']}/{grp['tensors']} "
+                   f"| {src('mk_eq_source')} | {src('jx_eq_source')} |")
+    gt = c["gates"]
+    out += ["", f"Gate vectors: min cosine jaxmoe vs mergekit {gt['cosine_min']:.5f} (mean {gt['cosine_mean']:.5f}; "
+            f"worst: layer {gt['worst_layer']}, expert {gt['worst_expert']}) — goal >= {GOALS['gate_cosine']} "
+            f"({mark(g['gate_cosine'])}). Diagnostic, mergekit's own gate code in float32: jaxmoe vs it "
+            f"{gt['jaxmoe_vs_mergekit_fp32_min']:.6f}, mergekit (bf16) vs it {gt['mergekit_bf16_vs_mergekit_fp32_min']:.5f}.",
+            f"All other tensors identical: {'yes' if c['non_gate_identical'] else '**no**'} "
+            f"({mark(g['non_gate_identical'])}); layouts: mergekit {c['layouts']['mergekit']}, jaxmoe "
+            f"{c['layouts']['jaxmoe']}; tensor names only in one output: {len(c['only_in_mergekit'])} / "
+            f"{len(c['only_in_jaxmoe'])}."]
+    return "\n".join(out) + "\n"
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny random llama instead of SmolLM2-135M")
+    p.add_argument("--venv", type=Path, default=cache_root() / "mergekit-venv", help="mergekit virtualenv")
+    p.add_argument("--mergekit-version", default=MERGEKIT_VERSION)
+    p.add_argument("--repeats", type=int, default=1, help="alternating runs per tool (min wall, max RSS)")
+    p.add_argument("--work", type=Path, help="working directory for recipe/outputs/logs (default: a temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep the working directory")
+    p.add_argument("--results", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+
+    have = ensure_venv(args.venv.expanduser(), args.mergekit_version)
+    work = args.work or Path(tempfile.mkdtemp(prefix="build_vs_mergekit-"))
+    work.mkdir(parents=True, exist_ok=True)
+    log(f"working directory {work}")
+    try:
+        if args.quick:
+            a, b = prepare_quick(work, args.venv)
+            prompts, model = PROMPTS_QUICK, "tiny random Llama (2 layers, H 64, vocab 128), float32"
+        else:
+            a, b = prepare_smollm2(cache_root())
+            prompts, model = PROMPTS_SMOLLM2, "SmolLM2-135M-Instruct (Q4_1 GGUF -> float32 HF dir, 538 MB)"
+        recipe = work / "recipe.yml"
+        recipe_text = write_recipe(recipe, a, b, prompts)
+        fp32_gates, ids = mergekit_probe(args.venv, recipe, work, child_env())
+        prompt_check = check_prompts(ids, a, prompts)
+
+        out_mk, out_jx = work / "out-mergekit", work / "out-jaxmoe"
+        cmds = {"mergekit": [args.venv / "bin" / "mergekit-moe", recipe, out_mk, "--device", "cpu"],
+                "jaxmoe": [sys.executable, "-c", JAXMOE_MAIN, "build", recipe, out_jx, "--no-progress"]}
+        outs = {"mergekit": out_mk, "jaxmoe": out_jx}
+        runs: dict[str, list] = {"mergekit": [], "jaxmoe": []}
+        for r in range(args.repeats):
+            for tool in (("mergekit", "jaxmoe") if r % 2 == 0 else ("jaxmoe", "mergekit")):
+                shutil.rmtree(outs[tool], ignore_errors=True)
+                warm_page_cache([a, b])
+                runs[tool].append(measure(tool, cmds[tool], work / f"{tool}-{r}.log"))
+
+        log("comparing outputs tensor by tensor")
+        comp = compare(Output(out_mk), Output(out_jx), a, [a, b, a, b], fp32_gates)
+    finally:
+        if not args.keep and args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+    best = {k: dict(wall_s=min(x["wall_s"] for x in v), peak_rss_mib=max(x["peak_rss_mib"] for x in v),
+                    cpu_s=min(x["cpu_s"] for x in v)) for k, v in runs.items()}
+    timing = dict(mergekit=best["mergekit"], jaxmoe=best["jaxmoe"], runs=runs,
+                  wall_ratio=best["jaxmoe"]["wall_s"] / best["mergekit"]["wall_s"],
+                  rss_ratio=best["jaxmoe"]["peak_rss_mib"] / best["mergekit"]["peak_rss_mib"])
+    goals = dict(wall=timing["wall_ratio"] <= GOALS["wall_ratio"], rss=timing["rss_ratio"] <= GOALS["rss_ratio"],
+                 gate_cosine=comp["gates"]["cosine_min"] >= GOALS["gate_cosine"],
+                 non_gate_identical=comp["non_gate_identical"])
+    load = os.getloadavg()
+    machine = (f"{cpu_name()}, {os.cpu_count()} cores shared with other test runs "
+               f"(1-min load avg during runs {min(x['load1_before'] for v in runs.values() for x in v):.1f}-"
+               f"{max(x['load1_after'] for v in runs.values() for x in v):.1f})")
+    import jax
+    import transformers
+    res = dict(model=model, machine=machine, repeats=args.repeats, quick=args.quick, timing=timing, goals=goals,
+               goal_thresholds=GOALS, comparison=comp, prompts=prompt_check, recipe=recipe_text,
+               versions=dict(mergekit_venv=have, jax=jax.__version__, jaxmoe_env_transformers=transformers.__version__,
+                             python=platform.python_version()),
+               commands={k: " ".join(shlex.quote(str(c)) for c in v) for k, v in cmds.items()},
+               loadavg_end=list(load), date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    md = markdown(res)
+    print("\n" + md)
+    for k, ok in goals.items():
+        log(f"goal {k}: {'met' if ok else 'MISSED'}")
+    if comp["mismatched_tensors"]:
+        log(f"non-identical tensors (first 50): {', '.join(comp['mismatched_tensors'])}")
+    args.results.mkdir(parents=True, exist_ok=True)
+    stem = "build_vs_mergekit" + (".quick" if args.quick else "")
+    (args.results / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
+    (args.results / f"{stem}.md").write_text(f"# jaxmoe build vs mergekit-moe ({res['date']})\n\n" + md)
+    log(f"wrote {args.results / stem}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
