@@ -130,6 +130,10 @@ class Transformer(nnx.Module):
 
         embed = self.embed[...]
         x = embed[input_ids]
+        if getattr(self, "mesh", None) is not None:  # set by jaxmoe.sharding.shard_model
+            from jaxmoe.sharding import constrain
+
+            x = constrain(x, ("batch", "length", "act_embed"), self.mesh)
         if c.embed_scale:
             x = x * jnp.asarray(math.sqrt(c.hidden_size), embed.dtype)
         cos, sin = rope_cos_sin(c, positions, x.dtype)

@@ -93,8 +93,10 @@ class MoEBlock(nnx.Module):
         b, t, h = x.shape
         flat = x.reshape(b * t, h)
         r = route(flat, self.router[...], self.k, self.renormalize)
-        y = EXPERT_IMPLS[self.impl](flat, r, self.gate_proj[...], self.up_proj[...], self.down_proj[...],
-                                    self.activation)
+        impl = EXPERT_IMPLS[self.impl]
+        # Hook for jaxmoe.moe_parallel: expert-parallel impls also take the block (mesh, capacity, drop stat).
+        extra = {"block": self} if getattr(impl, "takes_block", False) else {}
+        y = impl(flat, r, self.gate_proj[...], self.up_proj[...], self.down_proj[...], self.activation, **extra)
         if hasattr(self, "shared_expert"):
             gate = jax.nn.sigmoid(flat @ self.shared_expert_gate[...])
             y = y + gate * self.shared_expert(flat)

@@ -15,6 +15,7 @@ COMMANDS = {
     "convert": ("jaxmoe.cli.convert", "convert between HF directories, GGUF and orbax checkpoints"),
     "inspect": ("jaxmoe.cli.inspect", "report which experts each layer picks for some prompts"),
     "train": ("jaxmoe.cli.train", "fine-tune the router (and experts) from a training config"),
+    "eval": ("jaxmoe.cli.eval", "held-out loss and perplexity of a model on text files"),
     "parity": ("jaxmoe.cli.parity", "compare a model's logits with transformers on the same input"),
 }
 

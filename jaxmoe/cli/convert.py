@@ -26,7 +26,8 @@ def parse_size(text: str) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `jaxmoe convert`."""
-    p.add_argument("input", metavar="IN", help="HF model directory or .gguf file")
+    p.add_argument("input", metavar="IN", help="HF model directory, .gguf file or jaxmoe orbax checkpoint (a "
+                                               "`jaxmoe train` output_dir, its checkpoints/ or one step's folder)")
     p.add_argument("output", metavar="OUT", help="output directory (must not exist unless --overwrite)")
     p.add_argument("--to", choices=("hf", "orbax"), default="hf", help="output format (default hf)")
     p.add_argument("--layout", choices=("legacy", "fused"), default="legacy",
@@ -63,6 +64,15 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"{out} exists; pass --overwrite to replace it")
     if src.resolve() == out.resolve():
         raise CliError("IN and OUT are the same path")
+    from jaxmoe.checkpoint import is_orbax_checkpoint
+
+    if src.is_dir() and not (src / "config.json").is_file() and is_orbax_checkpoint(src):
+        from jaxmoe.cli.train import export_hf  # a training run's checkpoint: its newest step
+
+        export_hf(src, out, layout=args.layout, dtype=args.dtype, overwrite=args.overwrite,
+                  max_shard_bytes=max_shard, progress=not args.no_progress)
+        print(f"wrote {out} (from orbax checkpoint {src}, layout {args.layout})")
+        return 0
     if src.suffix == ".gguf":
         from converters.gguf_reader import GGUFCheckpoint
 

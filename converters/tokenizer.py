@@ -1,0 +1,41 @@
+"""Tokenizers for the models we load: an HF directory's own files, or the one embedded in a .gguf file.
+Local files only (no hub access) and never remote code."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from converters.errors import CheckpointError
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """A transformers tokenizer for an HF model directory or a `.gguf` file; CheckpointError if none."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such file")
+        try:
+            from converters.gguf_reader import GGUFCheckpoint
+        except ImportError:  # the GGUF reader is optional; transformers can rebuild the tokenizer itself
+            GGUFCheckpoint = None
+        try:
+            if GGUFCheckpoint is not None:
+                return GGUFCheckpoint(path).tokenizer()
+            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+        except CheckpointError:
+            raise
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: cannot build its tokenizer ({_first_line(e)})") from None
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such directory (expected an HF model directory or a .gguf file)")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: no usable tokenizer files ({_first_line(e)})") from None

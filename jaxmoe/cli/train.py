@@ -1,0 +1,116 @@
+"""`jaxmoe train CONFIG.yml [--resume]`: fine-tune the router (or experts, or all) from a training config."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `jaxmoe train`."""
+    p.add_argument("config", metavar="CONFIG.yml", help="training config (see configs/train/router.yml)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in output_dir (same batches, same loss curve)")
+    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="stop after this step (the schedule still runs to `steps`); continue later with --resume")
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """A tokenizer from an HF directory or a .gguf file, offline."""
+    from jaxmoe.cli import CliError
+
+    path = Path(path)
+    try:
+        from converters.tokenizer import load_tokenizer as load  # the converters' loader, when present
+    except ImportError:
+        load = None
+    try:
+        if load is not None:
+            return load(path)
+        if path.suffix == ".gguf":
+            from converters.gguf_reader import GGUFCheckpoint
+
+            return GGUFCheckpoint(path).tokenizer()
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure is one line for the user
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CliError(f"tokenizer: cannot load one from {path} ({msg[:200]}); set `tokenizer:` to an HF "
+                       f"directory with tokenizer files") from None
+
+
+def load_model(path: str | Path, dtype: str | None = None, tokenizer: str | None = None,
+               moe_impl: str = "ragged") -> tuple[Any, Any, str]:
+    """(model, tokenizer, tokenizer path) for an HF directory, a .gguf file or a jaxmoe orbax checkpoint."""
+    from jaxmoe.checkpoint import is_orbax_checkpoint, load_orbax_model, read_orbax_meta
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model: {path}: no such file or directory")
+    if path.is_dir() and not (path / "config.json").is_file() and is_orbax_checkpoint(path):
+        model = load_orbax_model(path, dtype, moe_impl)
+        tokenizer = tokenizer or read_orbax_meta(path).get("tokenizer")
+        if not tokenizer:
+            from jaxmoe.cli import CliError
+
+            raise CliError(f"tokenizer: the checkpoint {path} names no tokenizer; set `tokenizer:`")
+    else:
+        import converters
+
+        model = converters.load(path, dtype, moe_impl=moe_impl)
+        tokenizer = tokenizer or str(path)
+    return model, load_tokenizer(tokenizer), str(Path(tokenizer).absolute())
+
+
+def export_hf(checkpoint: str | Path, out: str | Path, layout: str = "legacy", dtype: str | None = None,
+              **write_kw: Any) -> Path:
+    """A jaxmoe orbax checkpoint (run dir, checkpoints dir or step dir) -> an HF directory, with the
+    tokenizer named in the checkpoint; `write_kw` as for `converters.hf_export.write_hf` (overwrite,
+    max_shard_bytes, progress). The hook for `jaxmoe convert CKPT OUT --to hf`."""
+    from converters.hf_export import save_hf
+    from jaxmoe.checkpoint import load_orbax_model, read_orbax_meta
+
+    model = load_orbax_model(checkpoint, dtype)
+    tokenizer = read_orbax_meta(checkpoint).get("tokenizer")
+    if tokenizer and not Path(tokenizer).exists():
+        log.warning("%s: its tokenizer %s is gone; OUT will have none", checkpoint, tokenizer)
+        tokenizer = None
+    if tokenizer and Path(tokenizer).suffix == ".gguf":
+        tokenizer = load_tokenizer(tokenizer)
+    return save_hf(model, out, layout=layout, tokenizer_src=tokenizer, **write_kw)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train as the config says; checkpoints, metrics, loss curve and routing report go to output_dir."""
+    from jaxmoe.data import check_files
+    from jaxmoe.train import Trainer, load_config
+
+    cfg = load_config(args.config)
+    check_files(cfg.train_data, "data.train")  # before the (slow) model load
+    if cfg.eval_data:
+        check_files(cfg.eval_data, "data.eval")
+    mesh = None
+    if cfg.mesh:
+        from jaxmoe.sharding import make_mesh
+
+        mesh = make_mesh(cfg.mesh)
+    model, tokenizer, tok_path = load_model(cfg.model, cfg.param_dtype, cfg.tokenizer, cfg.moe_impl)
+    if mesh is not None:
+        from jaxmoe.sharding import check_mesh
+
+        check_mesh(model.config, mesh)
+    trainer = Trainer(cfg, model, tokenizer, tok_path, mesh=mesh, print_fn=lambda s: print(s, flush=True))
+    result = trainer.run(resume=args.resume, stop_at=args.stop_at)
+    out = Path(cfg.output_dir)
+    if "eval" in result and result["step"] == cfg.steps:
+        print(f"done: step {result['step']}, held-out loss {result['eval']['loss']:.4f}, perplexity "
+              f"{result['eval']['perplexity']:.3f}; {out}/loss_curve.png, {out}/routing_report.txt")
+    elif result["step"] == cfg.steps:
+        print(f"done: step {result['step']}; {out}/metrics.jsonl, {out}/loss_curve.png")
+    else:
+        print(f"stopped at step {result['step']}; continue with --resume")
+    return 0

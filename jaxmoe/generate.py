@@ -1,0 +1,291 @@
+"""Autoregressive generation: a jit-compiled prefill and a jit-compiled one-token decode step over a
+preallocated KV cache, with greedy / temperature / top-k / top-p sampling (see `jaxmoe.sampling`).
+
+Shapes are bucketed so compiles are reused: prompts are left-padded to a multiple of `bucket` and the
+cache to a multiple of `bucket` slots, so every prompt length inside one bucket shares one prefill and
+one decode executable, and decoding never recompiles per token. `compile_count()` counts compiles.
+
+The prefill runs the model on all prompt tokens but the last, filling the cache (its logits are dead
+code, so XLA never computes the [B, T, V] logits); the first decode step then feeds the last prompt
+token and yields the first new token, so prefill and decode share the decode executable.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxmoe import sharding
+from jaxmoe.model import KVCache
+from jaxmoe.sampling import SamplingConfig, sample, sampling_config
+
+_COMPILES: collections.Counter = collections.Counter()
+_EXECUTABLES: collections.OrderedDict = collections.OrderedDict()
+_MAX_EXECUTABLES = 32  # LRU bound: each entry holds one compiled XLA executable
+
+
+def compile_count(kind: str | None = None) -> int:
+    """How many generation executables were compiled in this process ('prefill', 'decode', or both)."""
+    return sum(_COMPILES.values()) if kind is None else _COMPILES[kind]
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    """Timings of one `generate_full` call. prefill_s runs until the first new token is on the host."""
+
+    batch: int
+    prompt_tokens: int  # real (unpadded) prompt tokens over the batch
+    decode_steps: int  # steps run after the first token
+    prefill_s: float
+    decode_s: float
+    compile_s: float
+    compiles: int
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        """Prompt tokens per second, up to and including the first new token."""
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else float("nan")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """New tokens per second over the batch after the first one."""
+        return self.batch * self.decode_steps / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+class GenerationResult(NamedTuple):
+    """sequences [B, T+N] int32 (input ids then new ids, pad after EOS); logits [N, B, V] float32 — the
+    distribution that chose each new token (only with return_logits); stats."""
+
+    sequences: np.ndarray
+    logits: np.ndarray | None
+    stats: GenerationStats
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_token_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists of different lengths -> (ids [B, T], attention_mask [B, T]) padded on the left."""
+    if not seqs:
+        raise ValueError("empty batch: no prompts given")
+    t = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), t), pad_token_id, np.int32)
+    mask = np.zeros((len(seqs), t), np.int32)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, t - len(s):] = s
+            mask[i, t - len(s):] = 1
+    return ids, mask
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+# ---- the traced functions -------------------------------------------------------------------------
+
+
+def _merge(graphdef, treedef, leaves):
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+
+
+def _prefill(graphdef, treedef, leaves, ids, positions, mask, *, length: int, mesh) -> KVCache:
+    """Fill a fresh `length`-slot cache with the prompt; the logits are unused, so XLA drops them."""
+    _COMPILES["prefill"] += 1  # runs only while tracing, i.e. once per compile
+    model = _merge(graphdef, treedef, leaves)
+    cache = KVCache.empty(model.config, ids.shape[0], length, jnp.dtype(model.config.dtype))
+    if mesh is not None:
+        cache = sharding.shard_cache(cache, mesh)
+    cache = model.forward(ids, positions, mask, cache).cache
+    return cache if mesh is None else sharding.shard_cache(cache, mesh)
+
+
+def _decode(graphdef, treedef, leaves, cache, token, position, done, key, step, temperature, top_p, eos, pad,
+            *, sampling: SamplingConfig, return_logits: bool, mesh):
+    """One token per row: write `token` at `position` into the cache, pick the next token."""
+    _COMPILES["decode"] += 1
+    model = _merge(graphdef, treedef, leaves)
+    out = model.forward(token[:, None], position[:, None], None, cache)
+    logits = out.logits[:, -1].astype(jnp.float32)
+    nxt = sample(logits, jax.random.fold_in(key, step), sampling, temperature, top_p)
+    nxt = jnp.where(done, pad, nxt)  # finished rows keep emitting pad
+    done = done | jnp.any(nxt[:, None] == eos[None, :], axis=-1)
+    cache = out.cache
+    if mesh is not None:
+        # The [B] outputs come back replicated so every host can read them and feed them back unchanged.
+        nxt, done = sharding.replicate(nxt, mesh), sharding.replicate(done, mesh)
+        cache = sharding.shard_cache(cache, mesh)
+        logits = sharding.replicate(logits, mesh) if return_logits else logits
+    return nxt, position + 1, done, step + 1, cache, (logits if return_logits else None)
+
+
+def _signature(x: Any) -> tuple:
+    return tuple((a.shape, str(a.dtype), getattr(a, "sharding", None)) for a in jax.tree.leaves(x))
+
+
+def _executable(kind: str, fn: Callable, static: dict, args: tuple, donate: tuple[int, ...] = ()):
+    """The compiled `fn` for these static values and argument shapes, compiled on first use (LRU cached)."""
+    key = (kind, tuple(sorted(static.items())), _signature(args[2:]), args[0], args[1])
+    exe = _EXECUTABLES.get(key)
+    if exe is not None:
+        _EXECUTABLES.move_to_end(key)
+        return exe, 0.0
+    t0 = time.perf_counter()
+    jitted = jax.jit(fn, static_argnums=(0, 1), static_argnames=tuple(static), donate_argnums=donate)
+    exe = jitted.lower(*args, **static).compile()
+    _EXECUTABLES[key] = exe
+    if len(_EXECUTABLES) > _MAX_EXECUTABLES:
+        _EXECUTABLES.popitem(last=False)
+    return exe, time.perf_counter() - t0
+
+
+# ---- input checks -----------------------------------------------------------------------------------
+
+
+def _check_inputs(config, input_ids, attention_mask, max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) and ids.size:
+        raise ValueError(f"input_ids must be integer [B, T] (or [T]), got shape {ids.shape} dtype {ids.dtype}")
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"empty prompt: input_ids has shape {ids.shape}; give at least one token per row")
+    mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    if attention_mask is not None and mask.ndim == 1:
+        mask = mask[None]
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask shape {mask.shape} does not match input_ids shape {ids.shape}")
+    lengths = mask.sum(axis=1)
+    if (lengths == 0).any():
+        raise ValueError(f"empty prompt: row {int(np.argmin(lengths))} of attention_mask has no tokens")
+    if (np.diff(mask.astype(np.int8), axis=1) < 0).any():
+        raise ValueError("attention_mask must be left-padded (zeros, then ones in every row)")
+    real = ids[mask]
+    if real.min() < 0 or real.max() >= config.vocab_size:
+        raise ValueError(f"token ids must be in [0, {config.vocab_size}), got {int(real.min())}..{int(real.max())}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    longest = int(lengths.max())
+    if longest + max_new_tokens > config.max_position_embeddings:
+        raise ValueError(f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
+                         f"max_position_embeddings {config.max_position_embeddings}")
+    return ids.astype(np.int32), mask
+
+
+def _eos_ids(config, eos_token_id) -> np.ndarray:
+    if eos_token_id is None:
+        eos = tuple(config.eos_token_id)
+    elif isinstance(eos_token_id, (int, np.integer)):
+        eos = (int(eos_token_id),)
+    else:
+        eos = tuple(int(e) for e in eos_token_id)
+    return np.asarray(eos or (-1,), np.int32)  # -1 never matches: no stopping
+
+
+# ---- public -----------------------------------------------------------------------------------------
+
+
+def generate_full(model, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                  top_p: float | None = None, key: jax.Array | None = None,
+                  eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+                  attention_mask=None, stream: Callable[[np.ndarray], Any] | None = None, bucket: int = 64,
+                  return_logits: bool = False) -> GenerationResult:
+    """`generate` with timings and, when `return_logits`, the float32 logits of every step."""
+    config = model.config
+    ids, mask = _check_inputs(config, input_ids, attention_mask, max_new_tokens)
+    eos = _eos_ids(config, eos_token_id)
+    if pad_token_id is None:
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else max(int(eos[0]), 0)
+    scfg = sampling_config(float(temperature), top_k, top_p, config.vocab_size)
+    if bucket < 1:
+        raise ValueError(f"bucket must be >= 1, got {bucket}")
+    if key is None:
+        if not scfg.greedy:
+            raise ValueError("sampling (temperature > 0) needs an explicit PRNG key: key=jax.random.key(seed)")
+        key = jax.random.key(0)
+    b, t = ids.shape
+    if max_new_tokens == 0:
+        stats = GenerationStats(b, int(mask.sum()), 0, 0.0, 0.0, 0.0, 0)
+        return GenerationResult(ids, None, stats)
+
+    # Left-pad the prompt to its bucket and size the cache; pads are masked keys with dummy token 0.
+    p = _round_up(max(t, 2), bucket)
+    ids_p = np.zeros((b, p), np.int32)
+    mask_p = np.zeros((b, p), bool)
+    ids_p[:, p - t:] = np.where(mask, ids, 0)
+    mask_p[:, p - t:] = mask
+    positions = np.maximum(np.cumsum(mask_p, axis=1) - 1, 0).astype(np.int32)
+    length = _round_up(p + max_new_tokens - 1, bucket)
+
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
+    mesh = sharding.model_mesh(model)
+    # Under a mesh the prompt is split over the batch axes and the small per-row values are replicated.
+    batched = (lambda x: sharding.shard_batch(x, mesh)) if mesh is not None else jnp.asarray
+    small = (lambda x: sharding.replicate(jnp.asarray(x), mesh)) if mesh is not None else jnp.asarray
+    prefill_args = (graphdef, treedef, leaves, batched(ids_p[:, :-1]), batched(positions[:, :-1]),
+                    batched(mask_p[:, :-1]))
+    prefill, c1 = _executable("prefill", _prefill, {"length": length, "mesh": mesh}, prefill_args)
+    cache_aval = jax.eval_shape(lambda: KVCache.empty(config, b, length, jnp.dtype(config.dtype)))
+    if mesh is not None:
+        cache_aval = sharding.shard_cache(cache_aval, mesh)
+    scalars = tuple(small(x) for x in (np.float32(temperature if temperature > 0 else 1.0),
+                                       np.float32(1.0 if top_p is None else top_p), eos, np.int32(pad_token_id)))
+    token, position, done = small(ids_p[:, -1]), small(positions[:, -1]), small(np.zeros((b,), bool))
+    key = small(key)
+    step0 = small(np.int32(0))
+    decode_args = (graphdef, treedef, leaves, cache_aval, token, position, done, key, step0, *scalars)
+    decode, c2 = _executable("decode", _decode, {"sampling": scfg, "return_logits": return_logits, "mesh": mesh},
+                             decode_args, donate=(3,))
+    compiles = int(c1 > 0) + int(c2 > 0)
+
+    new = np.full((b, max_new_tokens), pad_token_id, np.int32)
+    step_logits = []
+    t0 = time.perf_counter()
+    cache = prefill(leaves, *prefill_args[3:])
+    pending = decode(leaves, cache, token, position, done, key, step0, *scalars)
+    t_first = t0
+    steps = 0
+    while True:
+        tok, position, done, step, cache, logits = pending
+        # Dispatch the next step before waiting on this one, so host work overlaps device work.
+        nxt = None
+        if steps + 1 < max_new_tokens:
+            nxt = decode(leaves, cache, tok, position, done, key, step, *scalars)
+        host_tok = np.asarray(tok)
+        if steps == 0:
+            t_first = time.perf_counter()
+        new[:, steps] = host_tok
+        if return_logits:
+            step_logits.append(np.asarray(logits))
+        if stream is not None:
+            stream(host_tok)
+        steps += 1
+        if nxt is None or bool(np.asarray(done).all()):
+            break  # the rest stays pad
+        pending = nxt
+    t_end = time.perf_counter()
+    stats = GenerationStats(b, int(mask.sum()), steps - 1, t_first - t0, t_end - t_first, c1 + c2, compiles)
+    logits_out = np.stack(step_logits) if return_logits else None
+    return GenerationResult(np.concatenate([ids, new], axis=1), logits_out, stats)
+
+
+def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, key: jax.Array | None = None,
+             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+             attention_mask=None, stream: Callable[[np.ndarray], Any] | None = None,
+             bucket: int = 64) -> np.ndarray:
+    """Generate `max_new_tokens` tokens after each prompt; returns int32 numpy ids [B, T+N].
+
+    input_ids [B, T] (or [T]); rows of different lengths are LEFT-padded with `attention_mask` (1 = real
+    token) — see `left_pad`. temperature 0 is greedy; otherwise tokens are drawn with `key` (required)
+    after top-k then top-p filtering. eos_token_id: one id or several; None takes the model config's,
+    () disables stopping. A row that emits EOS emits `pad_token_id` afterwards (default: config pad, else
+    the first EOS); generation ends early once every row has finished. stream(tokens [B]) is called
+    after each step. Prompts are padded to a multiple of `bucket` so lengths in one bucket share compiles.
+    """
+    return generate_full(model, input_ids, max_new_tokens, temperature, top_k, top_p, key, eos_token_id,
+                         pad_token_id, attention_mask, stream, bucket).sequences
