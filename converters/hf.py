@@ -61,6 +61,33 @@ def abstract_model(config: ModelConfig, dtype: str | None = None, moe_impl: str 
     return nnx.eval_shape(lambda: Transformer(config, rngs=_ConstantRngs(), dtype=dtype, moe_impl=moe_impl))
 
 
+def checked_rules(config: ModelConfig, source: TensorSource, name: str, shapes: dict[str, tuple[int, ...]]
+                  ) -> list[tuple[Any, list[tuple[str, int | None]], list[tuple[int, ...]]]]:
+    """The name table for `source` with every HF tensor checked (present, right shape) before any is read:
+    (rule, [(our param, expert index or None)], our shapes per target). Warns about unused tensors; errors
+    name the file and tensor."""
+    out, used, filled = [], set(), set()
+    for rule in hf_rules(config, detect_layout(config, source.has)):
+        targets = [_split_target(o) for o in rule.ours]
+        our_shapes = [shapes[n][1:] if j is not None else shapes[n] for n, j in targets]
+        want = hf_shape(rule, our_shapes)
+        if not source.has(rule.hf):
+            raise CheckpointError(f"{name}: tensor '{rule.hf}' is missing (expected shape {list(want)})")
+        got = tuple(source.shape(rule.hf))
+        if got != want:
+            raise CheckpointError(f"{name}: tensor '{rule.hf}' has shape {list(got)}, expected {list(want)}")
+        used.add(rule.hf)
+        filled.update(n for n, _ in targets)
+        out.append((rule, targets, our_shapes))
+    extra = sorted(set(source.keys()) - used)
+    if extra:
+        log.warning("%s: %d tensors not used by %s: %s", name, len(extra), config.model_type, ", ".join(extra[:5]))
+    for key in shapes:
+        if key not in filled:
+            raise CheckpointError(f"{name}: nothing in the checkpoint fills parameter '{key}'")
+    return out
+
+
 def model_from_tensors(config: ModelConfig, source: TensorSource, name: str, dtype: str | None = None,
                        moe_impl: str = "ragged") -> Transformer:
     """Build a Transformer whose parameters come from `source` (HF tensor names), cast to `dtype`."""
@@ -69,33 +96,16 @@ def model_from_tensors(config: ModelConfig, source: TensorSource, name: str, dty
     flat = nnx.to_flat_state(state)
     shapes = {".".join(map(str, p)): (tuple(v.get_value().shape), v.get_value().dtype) for p, v in flat}
     target_dtype = np.dtype(jnp.dtype(model.config.dtype))
-    rules = hf_rules(config, detect_layout(config, source.has))
     values: dict[str, Any] = {}
-    used: set[str] = set()
-    for rule in rules:
-        targets = [_split_target(o) for o in rule.ours]
-        our_shapes = [shapes[n][0][1:] if j is not None else shapes[n][0] for n, j in targets]
-        want = hf_shape(rule, our_shapes)
-        if not source.has(rule.hf):
-            raise CheckpointError(f"{name}: tensor '{rule.hf}' is missing (expected shape {list(want)})")
-        got = tuple(source.shape(rule.hf))
-        if got != want:
-            raise CheckpointError(f"{name}: tensor '{rule.hf}' has shape {list(got)}, expected {list(want)}")
-        used.add(rule.hf)
+    for rule, targets, our_shapes in checked_rules(config, source, name, {k: v[0] for k, v in shapes.items()}):
         for (n, j), arr in zip(targets, load_rule(rule, source.get(rule.hf), our_shapes)):
             arr = np.asarray(arr).astype(target_dtype)
             if j is None:
                 values[n] = jnp.asarray(arr)
             else:
                 values.setdefault(n, np.zeros(shapes[n][0], target_dtype))[j] = arr
-    extra = sorted(set(source.keys()) - used)
-    if extra:
-        log.warning("%s: %d tensors not used by %s: %s", name, len(extra), config.model_type, ", ".join(extra[:5]))
     for path, var in flat:
-        key = ".".join(map(str, path))
-        if key not in values:
-            raise CheckpointError(f"{name}: nothing in the checkpoint fills parameter '{key}'")
-        var.set_value(jnp.asarray(values.pop(key)))
+        var.set_value(jnp.asarray(values.pop(".".join(map(str, path)))))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 

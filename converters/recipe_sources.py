@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .recipe_yaml import RecipeError
 
 if TYPE_CHECKING:
     from .recipe import MoERecipe

@@ -21,8 +21,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from converters.errors import CheckpointError
-from converters.hf import _split_target, abstract_model, read_config
-from converters.hf_names import Rule, detect_layout, hf_rules, hf_shape, load_rule
+from converters.hf import abstract_model, checked_rules, read_config
+from converters.hf_names import Rule, load_rule
 from converters.safetensors_io import CheckpointReader
 from jaxmoe import sharding
 from jaxmoe.config import ModelConfig
@@ -81,25 +81,9 @@ class _ParamReader:
     def __init__(self, config: ModelConfig, source: Any, name: str, shapes: dict[str, tuple[int, ...]]):
         self.source, self.name, self.shapes = source, name, shapes
         self.producers: dict[str, list[tuple[Rule, int, int | None]]] = collections.defaultdict(list)
-        used = set()
-        for rule in hf_rules(config, detect_layout(config, source.has)):
-            targets = [_split_target(o) for o in rule.ours]
-            our_shapes = [shapes[n][1:] if j is not None else shapes[n] for n, j in targets]
-            want = hf_shape(rule, our_shapes)
-            if not source.has(rule.hf):
-                raise CheckpointError(f"{name}: tensor '{rule.hf}' is missing (expected shape {list(want)})")
-            got = tuple(source.shape(rule.hf))
-            if got != want:
-                raise CheckpointError(f"{name}: tensor '{rule.hf}' has shape {list(got)}, expected {list(want)}")
-            used.add(rule.hf)
+        for rule, targets, _ in checked_rules(config, source, name, shapes):
             for pos, (n, j) in enumerate(targets):
                 self.producers[n].append((rule, pos, j))
-        extra = sorted(set(source.keys()) - used)
-        if extra:
-            log.warning("%s: %d tensors not used by %s: %s", name, len(extra), config.model_type, ", ".join(extra[:5]))
-        for key in shapes:
-            if key not in self.producers:
-                raise CheckpointError(f"{name}: nothing in the checkpoint fills parameter '{key}'")
 
     def _read(self, rule: Rule, pos: int, shape: tuple[int, ...], region: Region) -> np.ndarray:
         reader = SLICE_READERS.get(rule.kind)

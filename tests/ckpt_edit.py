@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -24,3 +25,26 @@ def rewrite(src: Path, dst: Path, tensors: Callable[[dict[str, np.ndarray]], dic
         if (src / extra).exists():
             shutil.copy(src / extra, dst / extra)
     return dst
+
+
+G2M_NAMES = {n: f"{n}_proj" for n in ("gate", "up", "down")}  # the Gemma-2-MoE toolkit's expert names
+
+
+def dense_to_moe(state: dict[str, np.ndarray], num_experts: int, block: str, names: dict[str, str], seed: int,
+                 noise: float = 0.0, router_std: float = 3.0) -> dict[str, np.ndarray]:
+    """Each dense `model.layers.i.mlp.{gate,up,down}_proj.weight` becomes `num_experts` experts named
+    `{block}.experts.{j}.{names[kind]}.weight` (the dense weights, plus N(0, (noise * std(w))^2) when
+    noise > 0), and a random router `{block}.gate.weight` [E, H]."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for k, v in state.items():
+        m = re.match(r"(model\.layers\.\d+)\.mlp\.(gate|up|down)_proj\.weight", k)
+        if not m:
+            out[k] = v
+            continue
+        for j in range(num_experts):
+            w = v + rng.normal(0, noise * float(np.std(v)), v.shape) if noise else v
+            out[f"{m.group(1)}.{block}.experts.{j}.{names[m.group(2)]}.weight"] = w.astype(v.dtype)
+        hidden = state["model.embed_tokens.weight"].shape[1]
+        out[f"{m.group(1)}.{block}.gate.weight"] = rng.normal(0, router_std, (num_experts, hidden)).astype(v.dtype)
+    return out

@@ -3,7 +3,6 @@ Switch load-balancing loss, generates, and the exported weights re-import bit fo
 from __future__ import annotations
 
 import json
-import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -16,27 +15,10 @@ from converters.gemma2moe_hf.configuration_gemma2moe import Gemma2MoeConfig
 from converters.hf import state_arrays
 from converters.hf_export import save_hf
 from converters.safetensors_io import CheckpointReader
-from tests.ckpt_edit import rewrite
+from tests.ckpt_edit import G2M_NAMES, dense_to_moe, rewrite
 from tests.tiny_models import WINDOW
 
 E, K = 4, 2
-
-
-def _toolkit_tensors(state: dict, seed: int) -> dict:
-    """Gemma 2 dense -> the Gemma-2-MoE toolkit's names, each expert a different perturbation of the MLP."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, v in state.items():
-        m = re.match(r"(model\.layers\.\d+)\.mlp\.(gate|up|down)_proj\.weight", name)
-        if not m:
-            out[name] = v
-            continue
-        for j in range(E):
-            noise = rng.normal(0, 0.5 * float(np.std(v)), v.shape)
-            out[f"{m.group(1)}.block_sparse_moe.experts.{j}.{m.group(2)}_proj.weight"] = (v + noise).astype(v.dtype)
-        hidden = state["model.embed_tokens.weight"].shape[1]
-        out[f"{m.group(1)}.block_sparse_moe.gate.weight"] = rng.normal(0, 2.0, (E, hidden)).astype(v.dtype)
-    return out
 
 
 def _toolkit_config(c: dict) -> dict:
@@ -50,7 +32,7 @@ def g2m(tiny_hf, tmp_path_factory):
     """(toolkit checkpoint dir, our model, exported dir, transformers model loaded with trust_remote_code)."""
     src, _ = tiny_hf("gemma2")
     root = tmp_path_factory.mktemp("g2m")
-    toolkit = rewrite(src, root / "toolkit", lambda s: _toolkit_tensors(s, 0), _toolkit_config)
+    toolkit = rewrite(src, root / "toolkit", lambda s: dense_to_moe(s, E, "block_sparse_moe", G2M_NAMES, 0, noise=0.5, router_std=2.0), _toolkit_config)
     model = converters.load(toolkit)
     out = save_hf(model, root / "g2m_remote_export", progress=False)
     hf, info = tf.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32,

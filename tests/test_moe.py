@@ -1,7 +1,6 @@
 """MoE block: the grouped-matmul path equals the dense reference; identical experts reproduce the dense model."""
 from __future__ import annotations
 
-import re
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +11,7 @@ from flax import nnx
 import converters
 from jaxmoe import ModelConfig
 from jaxmoe.moe import MoEBlock
-from tests.ckpt_edit import rewrite
+from tests.ckpt_edit import G2M_NAMES, dense_to_moe, rewrite
 from tests.tiny_models import hf_logits
 
 
@@ -58,27 +57,11 @@ def test_routing_renormalises_top_k():
     np.testing.assert_allclose(np.asarray(logits[0]), np.asarray(x[0] @ block.router[...]), rtol=1e-6)
 
 
-def _as_moe(state: dict, num_experts: int, block: str, names: dict[str, str], seed: int) -> dict:
-    """Every dense `mlp.X_proj` becomes `num_experts` identical experts, plus a random router."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for k, v in state.items():
-        m = re.match(r"(model\.layers\.\d+)\.mlp\.(gate|up|down)_proj\.weight", k)
-        if not m:
-            out[k] = v
-            continue
-        for j in range(num_experts):
-            out[f"{m.group(1)}.{block}.experts.{j}.{names[m.group(2)]}.weight"] = v
-        hidden = state["model.embed_tokens.weight"].shape[1]
-        out[f"{m.group(1)}.{block}.gate.weight"] = rng.normal(0, 3.0, (num_experts, hidden)).astype(v.dtype)
-    return out
-
-
 @pytest.mark.parametrize("seed", [0, 1])
 def test_identical_experts_reproduce_dense_llama(tiny_hf, tmp_path, seed):
     src, hf = tiny_hf("mistral")
     dst = rewrite(src, tmp_path / "moe",
-                  lambda s: _as_moe(s, 4, "block_sparse_moe", {"gate": "w1", "up": "w3", "down": "w2"}, seed),
+                  lambda s: dense_to_moe(s, 4, "block_sparse_moe", {"gate": "w1", "up": "w3", "down": "w2"}, seed),
                   lambda c: {**c, "model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2})
     ids = np.random.default_rng(seed).integers(0, 128, (2, 12))
     model = converters.load(dst)
@@ -100,8 +83,7 @@ def test_gemma2moe_toolkit_checkpoint_with_identical_experts_equals_dense_gemma2
                 "num_local_experts": 3, "num_experts_per_tok": 2,
                 "logit_soft_capping": 6.0, "attn_logit_soft_capping": 4.0}
 
-    names = {n: f"{n}_proj" for n in ("gate", "up", "down")}
-    dst = rewrite(src, tmp_path / "g2m", lambda s: _as_moe(s, 3, "block_sparse_moe", names, seed), g2m_config)
+    dst = rewrite(src, tmp_path / "g2m", lambda s: dense_to_moe(s, 3, "block_sparse_moe", G2M_NAMES, seed), g2m_config)
     model = converters.load(dst)
     c = model.config
     assert (c.model_type, c.num_experts, c.final_logit_softcap, c.attn_logit_softcap) == ("gemma2_moe", 3, 6.0, 4.0)

@@ -27,7 +27,7 @@ from jaxmoe.generate import generate
 from jaxmoe.model import KVCache
 from jaxmoe.moe import MoEBlock, experts_dense, route
 from jaxmoe.moe_parallel import dropped_tokens, emulated_ragged_all_to_all, resolve_dispatch
-from tests.ckpt_edit import rewrite
+from tests.ckpt_edit import G2M_NAMES, dense_to_moe, rewrite
 
 MESHES = ["expert=8", "expert=4,data=2", "expert=2,tensor=4", "fsdp=8"]
 BASE = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=8,
@@ -52,23 +52,6 @@ def _make(name, out):
     return out
 
 
-def _gemma2_to_moe(state: dict, experts: int = 8) -> dict:
-    """Each dense Gemma 2 MLP becomes `experts` distinct experts (the dense weights plus noise)."""
-    rng = np.random.default_rng(1)
-    out = {}
-    for k, v in state.items():
-        m = re.match(r"(model\.layers\.\d+)\.mlp\.(gate|up|down)_proj\.weight", k)
-        if not m:
-            out[k] = v
-            continue
-        for j in range(experts):
-            out[f"{m.group(1)}.block_sparse_moe.experts.{j}.{m.group(2)}_proj.weight"] = (
-                v + rng.normal(0, 0.1, v.shape)).astype(v.dtype)
-        hidden = state["model.embed_tokens.weight"].shape[1]
-        out[f"{m.group(1)}.block_sparse_moe.gate.weight"] = rng.normal(0, 3.0, (experts, hidden)).astype(v.dtype)
-    return out
-
-
 def _g2m_config(c: dict) -> dict:
     c = {k: v for k, v in c.items() if k not in ("layer_types", "final_logit_softcapping", "attn_logit_softcapping")}
     return {**c, "model_type": "gemma2moe", "architectures": ["Gemma2MoeForCausalLM"], "num_local_experts": 8,
@@ -81,7 +64,7 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny8")
     dirs = {"mixtral": _make("mixtral", root / "mixtral"), "qwen2_moe": _make("qwen2_moe", root / "qwen2_moe")}
     dense = _make("gemma2", root / "gemma2")
-    dirs["gemma2_moe"] = rewrite(dense, root / "gemma2_moe", _gemma2_to_moe, _g2m_config)
+    dirs["gemma2_moe"] = rewrite(dense, root / "gemma2_moe", lambda st: dense_to_moe(st, 8, "block_sparse_moe", G2M_NAMES, 1, noise=0.1), _g2m_config)
     out = {}
     for fam, d in dirs.items():
         model = converters.load(d)
