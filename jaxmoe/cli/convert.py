@@ -56,8 +56,6 @@ def run(args: argparse.Namespace) -> int:
     from jaxmoe.cli import CliError
     from jaxmoe.config import ConfigError, ModelConfig
 
-    if args.to != "hf":
-        raise CliError(f"--to {args.to}: not yet supported; only --to hf is available")
     src, out = Path(args.input), Path(args.output)
     max_shard = parse_size(args.shard_size)
     if out.exists() and not args.overwrite:
@@ -66,6 +64,19 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("IN and OUT are the same path")
     from jaxmoe.checkpoint import is_orbax_checkpoint
 
+    if args.to == "orbax":  # an HF dir or GGUF as a jaxmoe orbax checkpoint (what `jaxmoe train` can start from)
+        import shutil
+
+        import converters
+        from jaxmoe.checkpoint import save_orbax_model
+
+        if out.exists():
+            shutil.rmtree(out)
+        model = converters.load(src, dtype=args.dtype)
+        tok = src.suffix == ".gguf" or any((src / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
+        save_orbax_model(model, out, tokenizer=str(src.absolute()) if tok else None)
+        print(f"wrote {out} (orbax checkpoint of {src}, {model.config.dtype})")
+        return 0
     if src.is_dir() and not (src / "config.json").is_file() and is_orbax_checkpoint(src):
         from jaxmoe.cli.train import export_hf  # a training run's checkpoint: its newest step
 
