@@ -88,3 +88,37 @@ def test_initialize_distributed_refuses_incomplete_flags():
         initialize_distributed("127.0.0.1:1234", num_processes=2, process_id=2)
     with pytest.raises(MeshError, match="need a --coordinator host:port"):
         initialize_distributed(None, num_processes=2, process_id=1)
+
+
+def test_cli_generate_on_two_processes_prints_once_and_matches_one_process(tmp_path):
+    """`jaxmoe --coordinator ... generate --mesh expert=8`: every process runs it, process 0 prints."""
+    from tests.tiny_tokenizer import make_tokenizer
+
+    model_dir = tmp_path / "mixtral8"
+    torch.manual_seed(1)
+    tf.AutoModelForCausalLM.from_config(tf.MixtralConfig(**CONFIG)).float().save_pretrained(model_dir)
+    make_tokenizer(model_dir)
+    gen = ["generate", str(model_dir), "--prompt", "write a python function", "--max-new-tokens", "6"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    single = subprocess.run([sys.executable, "-m", "jaxmoe.cli", *gen], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    port = _free_port()
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    procs = [subprocess.Popen([sys.executable, "-m", "jaxmoe.cli", "--coordinator", f"127.0.0.1:{port}",
+                               "--num-processes", "2", "--process-id", str(i), *gen, "--mesh", "expert=8"],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=300))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    # gloo's C++ layer prints "[Gloo] Rank r is connected ..." on fd 1 itself; everything else is ours.
+    ours = [[ln for ln in o[0].splitlines() if not ln.startswith("[Gloo]")] for o in outs]
+    assert "\n".join(ours[0]).strip() == single.stdout.strip() and len(single.stdout.strip()) > 5
+    assert ours[1] == []

@@ -35,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run `jaxmoe COMMAND --help` for the options of one command.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    dist = parser.add_argument_group("multi-host (every process runs the same command; process 0 prints)")
+    dist.add_argument("--distributed", action="store_true",
+                      help="join a multi-process job configured by the environment (TPU pod slices)")
+    dist.add_argument("--coordinator", metavar="HOST:PORT", help="coordinator address of a multi-process job")
+    dist.add_argument("--num-processes", type=int, metavar="N", help="number of processes in the job")
+    dist.add_argument("--process-id", type=int, metavar="I", help="this process's id, 0..N-1")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in _available().items():
         p = sub.add_parser(name, help=help_text, description=help_text.capitalize() + ".")
@@ -55,8 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     from converters.errors import CheckpointError
     from jaxmoe.config import ConfigError
 
+
     expected = (CliError, CheckpointError, ConfigError, FileNotFoundError, ValueError)
     try:
+        if args.distributed or args.coordinator or args.num_processes or args.process_id is not None:
+            _join_job(args)
         return int(importlib.import_module(args._module).run(args) or 0)
     except expected as e:
         print(f"jaxmoe {args.command}: error: {e}", file=sys.stderr)
@@ -64,6 +73,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"jaxmoe {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _join_job(args: argparse.Namespace) -> None:
+    """jax.distributed.initialize from the flags (or the TPU environment); silence stdout off process 0."""
+    import os
+
+    import jax
+
+    from jaxmoe.sharding import initialize_distributed
+
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    if jax.process_index() != 0:
+        sys.stdout = open(os.devnull, "w")
 
 
 if __name__ == "__main__":
