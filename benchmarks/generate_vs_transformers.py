@@ -124,6 +124,7 @@ def child_transformers(spec: dict) -> dict:
 def child_main(spec: dict) -> None:
     result = child_jaxmoe(spec) if spec["impl"] == "jaxmoe" else child_transformers(spec)
     result["peak_rss_mib"] = _peak_rss_mib()
+    result["loadavg_1m"] = os.getloadavg()[0]  # other work on the machine skews both sides' timings
     print("RESULT " + json.dumps(result))
 
 

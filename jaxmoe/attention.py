@@ -41,7 +41,7 @@ class Attention(nnx.Module):
         self.softcap = config.attn_logit_softcap
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-                 cache: tuple[jax.Array, jax.Array] | None = None,
+                 cache: tuple[jax.Array, jax.Array, int] | None = None,
                  cache_index: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """x [B, T, H] -> ([B, T, H], updated (k, v) cache or None). mask is [B, 1, T, S]."""
         q = jnp.einsum("bth,hnd->btnd", x, self.q_proj[...])
@@ -51,12 +51,14 @@ class Attention(nnx.Module):
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            # Write this step's keys/values into their slots; attend over the whole preallocated cache.
-            ck, cv = cache
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
-            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
-            cache = (k, v)
+            # Write this step's keys/values into their slots of the whole stacked [L, ...] cache (in place
+            # when the cache is donated); attend over this layer's preallocated slots.
+            ck, cv, layer = cache
+            start = (layer, 0, cache_index, 0, 0)
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], start)
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], start)
+            cache = (ck, cv)
+            k, v = ck[layer], cv[layer]
         b, t, n, d = q.shape
         g = n // self.num_kv_heads
         q = q.reshape(b, t, self.num_kv_heads, g, d)
@@ -67,7 +69,7 @@ class Attention(nnx.Module):
         scores = jnp.where(mask[:, :, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n, d)
-        y = jnp.einsum("btnd,ndh->bth", out, self.o_proj[...])
+        y = (out.reshape(b * t, n * d) @ self.o_proj[...].reshape(n * d, -1)).reshape(b, t, -1)
         if hasattr(self, "o_bias"):
             y = y + self.o_bias[...]
         return y, cache

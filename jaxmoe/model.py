@@ -137,26 +137,26 @@ class Transformer(nnx.Module):
         if c.embed_scale:
             x = x * jnp.asarray(math.sqrt(c.hidden_size), embed.dtype)
         cos, sin = rope_cos_sin(c, positions, x.dtype)
-        hidden, router_logits, mlp_inputs, ks, vs = [], [], [], [], []
+        hidden, router_logits, mlp_inputs = [], [], []
+        ck, cv = (None, None) if cache is None else (cache.k, cache.v)
         for i, layer in enumerate(self.layers):
             if return_hidden_states:
                 hidden.append(x)
-            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+            layer_cache = None if cache is None else (ck, cv, i)
             x, rl, layer_cache, m_in = layer(x, cos, sin, masks[c.layer_types[i]], layer_cache, start)
             if rl is not None:
                 router_logits.append(rl)
             if return_mlp_inputs:
                 mlp_inputs.append(m_in)
             if layer_cache is not None:
-                ks.append(layer_cache[0])
-                vs.append(layer_cache[1])
+                ck, cv = layer_cache
         x = self.final_norm(x)
         head = embed.T if c.tie_word_embeddings else self.lm_head[...]
         logits = x @ head
         if c.final_logit_softcap is not None:
             cap = jnp.asarray(c.final_logit_softcap, logits.dtype)
             logits = jnp.tanh(logits / cap) * cap
-        new_cache = None if cache is None else KVCache(jnp.stack(ks), jnp.stack(vs), k_valid, start + t)
+        new_cache = None if cache is None else KVCache(ck, cv, k_valid, start + t)
         return Output(logits, tuple(router_logits), tuple(hidden) if return_hidden_states else None, new_cache,
                       tuple(mlp_inputs) if return_mlp_inputs else None)
 

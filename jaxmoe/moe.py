@@ -51,10 +51,26 @@ def experts_dense(x: jax.Array, r: Routing, wg: jax.Array, wu: jax.Array, wd: ja
     return jnp.einsum("ne,enh->nh", combine, y.astype(jnp.float32)).astype(x.dtype)
 
 
+def experts_gathered(x: jax.Array, r: Routing, wg: jax.Array, wu: jax.Array, wd: jax.Array,
+                     activation: str) -> jax.Array:
+    """Few token copies (decode): gather just the chosen experts' weights and run a batched matmul,
+    instead of a grouped matmul that reads every expert's weights."""
+    n, k = r.experts.shape
+    flat = r.experts.reshape(-1)
+    xs = jnp.repeat(x, k, axis=0)  # copy c = token c // k
+    h = gated_activation(activation, jnp.einsum("ch,chi->ci", xs, wg[flat]), jnp.einsum("ch,chi->ci", xs, wu[flat]))
+    y = jnp.einsum("ci,cih->ch", h, wd[flat])
+    y = (y.astype(jnp.float32) * r.weights.reshape(-1)[:, None]).astype(x.dtype)
+    return y.reshape(n, k, -1).sum(axis=1)
+
+
 def experts_ragged(x: jax.Array, r: Routing, wg: jax.Array, wu: jax.Array, wd: jax.Array,
                    activation: str) -> jax.Array:
-    """Dropless grouped matmul: sort the N*k token copies by expert, ragged_dot, scatter-add back."""
+    """Dropless grouped matmul: sort the N*k token copies by expert, ragged_dot, scatter-add back.
+    With no more token copies than experts (decode) the chosen experts' weights are gathered instead."""
     n, k = r.experts.shape
+    if n * k <= wg.shape[0]:
+        return experts_gathered(x, r, wg, wu, wd, activation)
     flat = r.experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     token = order // k
