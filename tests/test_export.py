@@ -301,10 +301,8 @@ def test_cli_convert_hf_dir(tiny_hf, tmp_path, capsys):
     _assert_same_tensors(src, back)
     assert cli_main(["convert", str(out), str(back), "--no-progress"]) == 2
     assert "exists; pass --overwrite" in capsys.readouterr().err
-    assert cli_main(["convert", str(src), str(tmp_path / "o"), "--to", "orbax"]) == 2
-    assert "not yet supported" in capsys.readouterr().err
     assert cli_main(["convert", str(tmp_path / "missing"), str(tmp_path / "o2")]) == 2
-    assert not (tmp_path / "o").exists() and not (tmp_path / "o2").exists()
+    assert not (tmp_path / "o2").exists()
 
 
 def test_cli_convert_gguf(tmp_path):
