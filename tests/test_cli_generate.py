@@ -95,8 +95,7 @@ def test_cli_mesh(model_dir, capsys):
     """--mesh reaches converters.load: a data=8 mesh gives the unsharded text; a bad spec is one line."""
     import jax
 
-    if len(jax.devices()) != 8:
-        pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    assert len(jax.devices()) == 8, "tests/conftest.py sets XLA_FLAGS for 8 CPU devices"
     args = ["generate", str(model_dir), "--prompt", "the sun", "--max-new-tokens", "6"]
     assert main(args + ["--mesh", "data=8"]) == 0
     assert capsys.readouterr().out == _expected(model_dir, ["the sun"], 6)[0] + "\n"

@@ -69,8 +69,7 @@ def test_greedy_matches_transformers_single_prompt(tiny_hf, name):
 
 def test_sharded_model_generates_the_same_tokens(tiny_hf):
     """A model loaded onto an expert=4,data=2 mesh of the 8 CPU devices decodes exactly as unsharded."""
-    if len(jax.devices()) < 8:
-        pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    assert len(jax.devices()) >= 8, "tests/conftest.py sets XLA_FLAGS for 8 CPU devices"
     path, hf = tiny_hf("mixtral")
     ids, mask = left_pad(_prompts(7, (2 * WINDOW + 1, 6)))
     sharded = converters.load(path, dtype="float32", mesh="expert=4,data=2")
