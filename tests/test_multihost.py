@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -119,7 +118,7 @@ def test_cli_generate_on_two_processes_prints_once_and_matches_one_process(tmp_p
                 q.kill()
             raise
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
-    # gloo's C++ layer prints "[Gloo] Rank r is connected ..." on fd 1 itself; everything else is ours.
-    ours = [re.sub(r"\[Gloo\][^\n]*\n?", "", o[0]) for o in outs]
-    assert ours[0].strip() == single.stdout.strip() and len(single.stdout.strip()) > 5
-    assert ours[1] == ""
+    # Process 0 prints the generated text last (gloo's native connection messages may come before it, while the
+    # model loads); every other process's stdout is silenced at the file-descriptor level.
+    assert outs[0][0].rstrip().endswith(single.stdout.strip()) and len(single.stdout.strip()) > 5
+    assert outs[1][0] == ""

@@ -85,7 +85,9 @@ def _join_job(args: argparse.Namespace) -> None:
 
     initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     if jax.process_index() != 0:
-        sys.stdout = open(os.devnull, "w")
+        # At the file-descriptor level, so native libraries (gloo's connection messages) are quiet too.
+        sys.stdout.flush()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
 
 
 if __name__ == "__main__":
