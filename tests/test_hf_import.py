@@ -35,19 +35,22 @@ def _mlp_spelling(state):
     return {k.replace(".block_sparse_moe.", ".mlp."): v for k, v in state.items()}
 
 
-def _fused_spelling(state):
+def _fuse(state, block: str, names: tuple[str, str, str]):
+    """Per-expert tensors `{block}.experts.{j}.{gate,up,down}.weight` -> transformers-v5 fused
+    `mlp.experts.gate_up_proj` [E, 2I, H] (gate first) and `mlp.experts.down_proj` [E, H, I]."""
+    gate, up, down = names
     out, groups = {}, {}
     for k, v in state.items():
-        m = re.match(r"(model\.layers\.\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight", k)
+        m = re.match(rf"(model\.layers\.\d+)\.{block}\.experts\.(\d+)\.(\w+)\.weight", k)
         if m:
             groups.setdefault(m.group(1), {})[(int(m.group(2)), m.group(3))] = v
         else:
-            out[k.replace(".block_sparse_moe.", ".mlp.")] = v
+            out[k.replace(f".{block}.", ".mlp.")] = v
     for layer, g in groups.items():
         n = 1 + max(j for j, _ in g)
         out[f"{layer}.mlp.experts.gate_up_proj"] = np.stack(
-            [np.concatenate([g[(j, "w1")], g[(j, "w3")]], 0) for j in range(n)])
-        out[f"{layer}.mlp.experts.down_proj"] = np.stack([g[(j, "w2")] for j in range(n)])
+            [np.concatenate([g[(j, gate)], g[(j, up)]], 0) for j in range(n)])
+        out[f"{layer}.mlp.experts.down_proj"] = np.stack([g[(j, down)] for j in range(n)])
     return out
 
 
@@ -55,7 +58,7 @@ def test_three_mixtral_spellings_give_identical_logits(tiny_hf, tmp_path):
     src, hf = tiny_hf("mixtral")
     legacy = _logits(src)
     assert np.abs(legacy - hf_logits(hf, IDS)).max() <= 1e-4
-    for name, fn in (("mlp", _mlp_spelling), ("fused", _fused_spelling)):
+    for name, fn in (("mlp", _mlp_spelling), ("fused", lambda st: _fuse(st, "block_sparse_moe", ("w1", "w3", "w2")))):
         dst = rewrite(src, tmp_path / name, fn)
         assert np.array_equal(_logits(dst), legacy), name
 
@@ -63,22 +66,7 @@ def test_three_mixtral_spellings_give_identical_logits(tiny_hf, tmp_path):
 def test_qwen2_moe_fused_spelling(tiny_hf, tmp_path):
     src, hf = tiny_hf("qwen2_moe")
 
-    def fused(state):
-        out, groups = {}, {}
-        for k, v in state.items():
-            m = re.match(r"(model\.layers\.\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight", k)
-            if m:
-                groups.setdefault(m.group(1), {})[(int(m.group(2)), m.group(3))] = v
-            else:
-                out[k] = v
-        for layer, g in groups.items():
-            n = 1 + max(j for j, _ in g)
-            out[f"{layer}.mlp.experts.gate_up_proj"] = np.stack(
-                [np.concatenate([g[(j, "gate")], g[(j, "up")]], 0) for j in range(n)])
-            out[f"{layer}.mlp.experts.down_proj"] = np.stack([g[(j, "down")] for j in range(n)])
-        return out
-
-    dst = rewrite(src, tmp_path / "fused", fused)
+    dst = rewrite(src, tmp_path / "fused", lambda st: _fuse(st, "mlp", ("gate_proj", "up_proj", "down_proj")))
     assert np.array_equal(_logits(dst), _logits(src))
 
 
