@@ -7,12 +7,20 @@ from converters.errors import CheckpointError
 
 
 def load(path: str | Path, dtype: str | None = None, mesh=None, moe_impl: str = "ragged"):
-    """Load a model from an HF directory or a `.gguf` file; `model(input_ids)` gives logits.
+    """Load a model from an HF directory, a `.gguf` file or a jaxmoe orbax checkpoint (a training run's
+    output dir, its `checkpoints/` dir or one step's dir, or `jaxmoe convert --to orbax` output);
+    `model(input_ids)` gives logits.
 
     dtype: float32 / bfloat16 / float16; None keeps the checkpoint's dtype (GGUF: float32).
-    mesh: a `jax.sharding.Mesh` or mesh spec string; the model comes back sharded with expert parallelism.
+    mesh: a `jax.sharding.Mesh` or mesh spec string; the model comes back sharded with expert parallelism,
+    each process reading only its devices' slices (HF safetensors and orbax checkpoints).
     """
     path = Path(path)
+    if path.is_dir() and not (path / "config.json").is_file():
+        from jaxmoe.checkpoint import is_orbax_checkpoint, load_orbax_model
+
+        if is_orbax_checkpoint(path):
+            return load_orbax_model(path, dtype, moe_impl, mesh=mesh)
     if mesh is not None:
         # Sharded loading (converters.sharded): mesh is a jax Mesh or a spec such as "expert=4,data=2";
         # checked against config.json first, then each process reads only its devices' slices.

@@ -96,7 +96,8 @@ class Transformer(nnx.Module):
                                                                    pdtype), axes=("embed", "vocab"))
 
     def set_moe_impl(self, impl: str) -> None:
-        """Choose how experts are computed: 'ragged' (grouped matmul) or 'dense' (reference)."""
+        """Choose how experts are computed: 'ragged' (grouped MLP; 'ragged_dot' / 'blocked' force its kernel)
+        or 'dense' (reference)."""
         for layer in self.layers:
             if layer.is_moe:
                 layer.mlp.impl = impl

@@ -1,13 +1,15 @@
 """Sparse MoE block: float32 softmax router, top-k, optional renormalisation, optional gated shared expert.
 
-Two ways to compute the experts, equal in value and gradient:
-- `ragged`: dropless; token copies are sorted by expert and run through grouped matmuls
-  (`jax.lax.ragged_dot`), so the work is proportional to k, not to the number of experts.
+Ways to compute the experts, equal in value and gradient:
+- `ragged`: dropless; token copies are sorted by expert and run through a grouped MLP
+  (`jaxmoe.grouped.grouped_mlp`: `ragged_dot` on TPU/GPU, a blocked scan on CPU), so the work is
+  proportional to k, not to the number of experts. `ragged_dot` / `blocked` force one kernel.
 - `dense`: every expert on every token, combined with a [tokens, experts] weight matrix; the simple
   reference the tests compare against.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -15,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmoe.config import ModelConfig
+from jaxmoe.grouped import grouped_mlp
 from jaxmoe.mlp import MLP, gated_activation
 
 
@@ -65,8 +68,8 @@ def experts_gathered(x: jax.Array, r: Routing, wg: jax.Array, wu: jax.Array, wd:
 
 
 def experts_ragged(x: jax.Array, r: Routing, wg: jax.Array, wu: jax.Array, wd: jax.Array,
-                   activation: str) -> jax.Array:
-    """Dropless grouped matmul: sort the N*k token copies by expert, ragged_dot, scatter-add back.
+                   activation: str, kernel: str = "auto") -> jax.Array:
+    """Dropless grouped MLP: sort the N*k token copies by expert, `grouped_mlp`, scatter-add back.
     With no more token copies than experts (decode) the chosen experts' weights are gathered instead."""
     n, k = r.experts.shape
     if n * k <= wg.shape[0]:
@@ -75,15 +78,15 @@ def experts_ragged(x: jax.Array, r: Routing, wg: jax.Array, wu: jax.Array, wd: j
     order = jnp.argsort(flat, stable=True)
     token = order // k
     sizes = jnp.bincount(flat, length=wg.shape[0]).astype(jnp.int32)
-    xs = x[token]
-    h = gated_activation(activation, jax.lax.ragged_dot(xs, wg, sizes), jax.lax.ragged_dot(xs, wu, sizes))
-    y = jax.lax.ragged_dot(h, wd, sizes)
+    y = grouped_mlp(x[token], sizes, wg, wu, wd, activation, kernel)
     # Weights stay float32 through the multiply and are cast at the accumulation (transformers v5 order).
     y = (y.astype(jnp.float32) * r.weights.reshape(-1)[order][:, None]).astype(x.dtype)
     return jnp.zeros_like(x).at[token].add(y)
 
 
-EXPERT_IMPLS = {"ragged": experts_ragged, "dense": experts_dense}
+EXPERT_IMPLS = {"ragged": experts_ragged, "dense": experts_dense,
+                "ragged_dot": functools.partial(experts_ragged, kernel="ragged_dot"),
+                "blocked": functools.partial(experts_ragged, kernel="blocked")}
 
 
 class MoEBlock(nnx.Module):

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
-from jaxmoe.mlp import gated_activation
+from jaxmoe.grouped import grouped_mlp
 from jaxmoe.moe import EXPERT_IMPLS, Routing
 
 IMPL_NAME = "expert_parallel"
@@ -88,8 +88,7 @@ def token_axes(mesh: Mesh, n: int) -> tuple[str, ...]:
 def _expert_mlp(xs: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array, sizes: jax.Array,
                 activation: str) -> jax.Array:
     """Grouped MLP on rows sorted by expert; rows past sum(sizes) come out zero."""
-    h = gated_activation(activation, jax.lax.ragged_dot(xs, wg, sizes), jax.lax.ragged_dot(xs, wu, sizes))
-    return jax.lax.ragged_dot(h, wd, sizes)
+    return grouped_mlp(xs, sizes, wg, wu, wd, activation)
 
 
 def _rank_in_group(keys_sorted: jax.Array, sizes: jax.Array) -> jax.Array:

@@ -359,7 +359,7 @@ class Trainer:
             if self.frozen:
                 from jaxmoe.checkpoint import save_frozen
 
-                save_frozen(out / "frozen", self.frozen)
+                save_frozen(out / "frozen", self.frozen, self.config)
         do_eval = cfg.eval_sequences > 0
         if do_eval and not resume:
             self._log_eval(eval_path, "before training")

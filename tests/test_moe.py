@@ -10,6 +10,7 @@ from flax import nnx
 
 import converters
 from jaxmoe import ModelConfig
+from jaxmoe.grouped import _blocked_mlp
 from jaxmoe.moe import MoEBlock
 from tests.ckpt_edit import G2M_NAMES, dense_to_moe, rewrite
 from tests.tiny_models import hf_logits
@@ -34,17 +35,40 @@ def test_ragged_equals_dense_values_and_gradients(kw):
         return jnp.sum(jnp.sin(y)) + 0.1 * jnp.sum(logits ** 2), y
 
     grads, outs = {}, {}
-    for impl in ("ragged", "dense"):
+    impls = ("ragged", "ragged_dot", "blocked", "dense")
+    for impl in impls:
         (val, y), (g_block, g_x) = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(block, x, impl)
         outs[impl], grads[impl] = y, (nnx.state(g_block, nnx.Param), g_x)
-    assert np.abs(np.asarray(outs["ragged"] - outs["dense"])).max() <= 1e-5
-    leaves_r = jax.tree.leaves(grads["ragged"])
     leaves_d = jax.tree.leaves(grads["dense"])
-    assert len(leaves_r) == len(leaves_d) >= 5
-    for a, b in zip(leaves_r, leaves_d):
-        assert np.abs(np.asarray(a - b)).max() <= 1e-4 * (1 + np.abs(np.asarray(b)).max())
+    for impl in impls[:-1]:
+        assert np.abs(np.asarray(outs[impl] - outs["dense"])).max() <= 1e-5, impl
+        leaves_r = jax.tree.leaves(grads[impl])
+        assert len(leaves_r) == len(leaves_d) >= 5
+        for a, b in zip(leaves_r, leaves_d):
+            assert np.abs(np.asarray(a - b)).max() <= 1e-4 * (1 + np.abs(np.asarray(b)).max()), impl
     # Each expert receives gradient only from the tokens routed to it: some expert weights get some.
     assert float(jnp.abs(grads["ragged"][0]["gate_proj"][...]).sum()) > 0
+
+
+@pytest.mark.parametrize("sizes,block", [((4, 0, 7, 1, 0), 3), ((4, 0, 7, 1, 0), None), ((0, 0, 12, 0, 0), 8),
+                                         ((0, 0, 0, 0, 0), 3), ((3, 3, 3, 3, 2), 1), ((3, 3, 3, 3, 2), 8)])
+def test_blocked_grouped_mlp_equals_numpy(sizes, block):
+    """Blocks that spill into the next group, empty groups, one group holding every row, rows past
+    sum(sizes) (must be zero): the blocked kernel against a per-group numpy computation."""
+    rng = np.random.default_rng(sum(sizes) + (block or 0))
+    e, h, i, rows = 5, 6, 10, 16
+    xs = rng.normal(size=(rows, h)).astype(np.float32)
+    wg, wu = rng.normal(size=(2, e, h, i)).astype(np.float32)
+    wd = rng.normal(size=(e, i, h)).astype(np.float32)
+    want = np.zeros((rows, h), np.float32)
+    start = 0
+    for g, n in enumerate(sizes):
+        a = xs[start:start + n] @ wg[g]
+        want[start:start + n] = (a / (1 + np.exp(-a)) * (xs[start:start + n] @ wu[g])) @ wd[g]
+        start += n
+    got = _blocked_mlp(jnp.asarray(xs), jnp.asarray(sizes, jnp.int32), *map(jnp.asarray, (wg, wu, wd)), "silu", block)
+    assert np.abs(np.asarray(got) - want).max() <= 1e-4 * (1 + np.abs(want).max())
+    assert np.all(np.asarray(got)[sum(sizes):] == 0)
 
 
 @pytest.mark.parametrize("tokens", [1, 2])

@@ -1,5 +1,6 @@
 """Multi-host on one machine: 2 processes x 4 CPU devices (gloo) load a tiny Mixtral onto one 8-device mesh,
-each reading only its own slices, and compute the same logits and greedy tokens as one process."""
+each reading only its own slices (from HF safetensors and from a jaxmoe orbax checkpoint), and compute the
+same logits and greedy tokens as one process."""
 from __future__ import annotations
 
 import json
@@ -18,6 +19,7 @@ from flax import nnx
 
 import converters
 from converters.safetensors_io import CheckpointReader
+from jaxmoe.checkpoint import flat_params, save_orbax_model
 from jaxmoe.generate import generate
 from jaxmoe.sharding import MeshError, initialize_distributed
 
@@ -39,15 +41,21 @@ def test_two_processes_read_only_their_slices_and_match_one_process(tmp_path):
     tf.AutoModelForCausalLM.from_config(tf.MixtralConfig(**CONFIG)).float().save_pretrained(model_dir)
     out = tmp_path / "out"
     out.mkdir()
+    # The same model as an orbax checkpoint in chunks of at most 2 KiB: 12 per 24 KB expert matrix, as the default
+    # 1 MiB gives ~110 per Mixtral-8x7B expert matrix (117 MB). (Chunks under 1 KiB compressed would be stored
+    # inline in the OCDBT index, which every process reads whole.)
+    model = converters.load(model_dir)
+    params = {k: np.asarray(v) for k, v in flat_params(nnx.state(model)).items()}
+    orbax_dir = save_orbax_model(model, tmp_path / "orbax", chunk_bytes=2048)
+    np.savez(out / "reference.npz", **params)
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     procs = [subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", str(port), str(i), "2",
-                               str(model_dir), "expert=8", str(out)], cwd=ROOT, env=env,
+                               str(model_dir), "expert=8", str(out), str(orbax_dir)], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
 
     # One process, one device, meanwhile.
     ids = np.random.default_rng(0).integers(0, 128, (2, 12)).astype(np.int32)
-    model = converters.load(model_dir)
     graphdef, state = nnx.split(model)
     ref_logits = np.asarray(jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))(state, ids))
     ref_tokens = generate(model, ids, 6, eos_token_id=())
@@ -65,6 +73,9 @@ def test_two_processes_read_only_their_slices_and_match_one_process(tmp_path):
     assert "process 0 of 2: done" in logs[0] and "of 2: done" not in logs[1]  # only process 0 prints
 
     results = [json.loads((out / f"result-{i}.json").read_text()) for i in range(2)]
+    total = sum(v.nbytes for v in params.values())
+    expert = sum(v.nbytes for k, v in params.items() if k.endswith(("gate_proj", "up_proj", "down_proj")))
+    reads = []
     for i, r in enumerate(results):
         assert (r["process"], r["devices"], r["local_devices"]) == (i, 8, 4)
         # expert=8 over 2 hosts: each reads the shared (non-expert) tensors and exactly half of the experts.
@@ -73,6 +84,19 @@ def test_two_processes_read_only_their_slices_and_match_one_process(tmp_path):
         assert r["local_expert_starts"] == list(range(4 * i, 4 * i + 4))
         assert np.abs(np.load(out / f"logits-{i}.npy") - ref_logits).max() <= 1e-5
         np.testing.assert_array_equal(np.asarray(r["tokens"]), ref_tokens)
+        # The orbax checkpoint: every local shard equals the model's slice (checked in the worker), the same
+        # logits and tokens, and each process reads about its share, not the whole checkpoint.
+        o = r["orbax"]
+        assert o["shards_checked"] == 4 * len(params)
+        assert np.abs(np.load(out / f"orbax-logits-{i}.npy") - ref_logits).max() <= 1e-5
+        np.testing.assert_array_equal(np.asarray(o["tokens"]), ref_tokens)
+        assert o["share"] == total - expert // 2  # expert=8: half of the experts, all of the rest
+        for o in (r["orbax"], r["orbax_fsdp"]):
+            reads.append((o["rchar"], o["ts_bytes"], o["share"]))
+            assert o["ts_bytes"] <= o["rchar"] < total  # tensorstore's file reads are part of rchar
+            assert o["rchar"] < 1.1 * o["share"] + 32 * 1024, (o, total)  # 32 KiB: metadata, OCDBT manifest, index
+        assert r["orbax_fsdp"]["share"] < 0.55 * total  # fsdp=8: half of nearly every tensor
+    print("orbax bytes read per process (rchar, tensorstore, share) of", total, ":", reads)
 
     # The sharded export (process 0 wrote it) holds the checkpoint's tensors unchanged.
     src, dst = CheckpointReader(model_dir), CheckpointReader(out / "export")
