@@ -13,11 +13,30 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def _orbax_tokenizer_source(path: Path) -> Path | None:
+    """For a jaxmoe orbax checkpoint (no config.json), the tokenizer source recorded in its metadata."""
+    if not path.is_dir() or (path / "config.json").is_file():
+        return None
+    from jaxmoe.checkpoint import is_orbax_checkpoint, read_orbax_meta
+
+    if not is_orbax_checkpoint(path):
+        return None
+    source = read_orbax_meta(path).get("tokenizer")
+    if not source:
+        raise CheckpointError(f"{path}: this orbax checkpoint records no tokenizer (pass an HF directory's "
+                              "tokenizer, or convert from a source that has one)")
+    return Path(source)
+
+
 def load_tokenizer(path: str | Path) -> Any:
-    """A transformers tokenizer for an HF model directory or a `.gguf` file; CheckpointError if none."""
+    """A transformers tokenizer for an HF model directory, a `.gguf` file, or a jaxmoe orbax checkpoint
+    (the tokenizer source recorded when it was written); CheckpointError if none."""
     from transformers import AutoTokenizer
 
     path = Path(path)
+    source = _orbax_tokenizer_source(path)
+    if source is not None:
+        return load_tokenizer(source)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise CheckpointError(f"{path}: no such file")

@@ -109,3 +109,22 @@ def test_cli_too_long_prompt_is_a_clear_error(model_dir, capsys):
     assert main(["generate", str(model_dir), "--prompt", long_prompt, "--max-new-tokens", "10"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "max_position_embeddings 256" in err
+
+
+def test_cli_generate_from_orbax_checkpoint(model_dir, tmp_path, capsys):
+    """An orbax checkpoint (convert --to orbax) generates the HF directory's text, on one device and on a mesh,
+    with the tokenizer recorded in its metadata; one without a recorded tokenizer is a one-line error."""
+    ckpt = tmp_path / "ckpt"
+    assert main(["convert", str(model_dir), str(ckpt), "--to", "orbax"]) == 0
+    capsys.readouterr()
+    args = ["generate", str(ckpt), "--prompt", "the sun", "--max-new-tokens", "6"]
+    expected = _expected(model_dir, ["the sun"], 6)[0] + "\n"
+    assert main(args) == 0 and capsys.readouterr().out == expected
+    assert main(args + ["--mesh", "fsdp=2,data=4"]) == 0 and capsys.readouterr().out == expected
+    bare = tmp_path / "bare"
+    shutil.copytree(model_dir, bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json"))
+    assert main(["convert", str(bare), str(tmp_path / "bare_ckpt"), "--to", "orbax"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "bare_ckpt"), "--prompt", "the sun"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "records no tokenizer" in err

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
     path = Path(args.model)
     if not path.exists():
-        raise CliError(f"{path}: no such file or directory (expected an HF model directory or a .gguf file)")
+        raise CliError(f"{path}: no such file or directory (expected an HF model directory, a .gguf file or a jaxmoe orbax checkpoint)")
     if args.max_new_tokens < 1:
         raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
