@@ -7,6 +7,7 @@ from flax import nnx
 
 from jaxmoe.config import ModelConfig
 from jaxmoe.rope import apply_rope
+from jaxmoe.sharding import constrain_activation
 
 
 def make_mask(q_slots: jax.Array, k_valid: jax.Array, window: int | None) -> jax.Array:
@@ -50,6 +51,9 @@ class Attention(nnx.Module):
         if hasattr(self, "q_bias"):
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = constrain_activation(self, q, ("batch", "length", "act_heads", "head_dim"))
+        k = constrain_activation(self, k, ("batch", "length", "act_kv", "head_dim"))
+        v = constrain_activation(self, v, ("batch", "length", "act_kv", "head_dim"))
         if cache is not None:
             # Write this step's keys/values into their slots of the whole stacked [L, ...] cache (in place
             # when the cache is donated); attend over this layer's preallocated slots.

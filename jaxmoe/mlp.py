@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxmoe.sharding import constrain_activation
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
@@ -31,4 +33,5 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = gated_activation(self.activation, x @ self.gate_proj[...], x @ self.up_proj[...])
+        h = constrain_activation(self, h, ("batch", "length", "act_mlp"))
         return h @ self.down_proj[...]

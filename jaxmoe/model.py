@@ -15,6 +15,9 @@ from jaxmoe.mlp import MLP
 from jaxmoe.moe import MoEBlock
 from jaxmoe.norm import RMSNorm
 from jaxmoe.rope import rope_cos_sin
+from jaxmoe.sharding import constrain_activation
+
+RESIDUAL = ("batch", "length", "act_embed")
 
 
 class KVCache(NamedTuple):
@@ -130,11 +133,7 @@ class Transformer(nnx.Module):
                  "sliding": make_mask(q_slots, k_valid, c.sliding_window) if c.sliding_window else None}
 
         embed = self.embed[...]
-        x = embed[input_ids]
-        if getattr(self, "mesh", None) is not None:  # set by jaxmoe.sharding.shard_model
-            from jaxmoe.sharding import constrain
-
-            x = constrain(x, ("batch", "length", "act_embed"), self.mesh)
+        x = constrain_activation(self, embed[input_ids], RESIDUAL)  # mesh set by jaxmoe.sharding.attach_mesh
         if c.embed_scale:
             x = x * jnp.asarray(math.sqrt(c.hidden_size), embed.dtype)
         cos, sin = rope_cos_sin(c, positions, x.dtype)
@@ -145,6 +144,7 @@ class Transformer(nnx.Module):
                 hidden.append(x)
             layer_cache = None if cache is None else (ck, cv, i)
             x, rl, layer_cache, m_in = layer(x, cos, sin, masks[c.layer_types[i]], layer_cache, start)
+            x = constrain_activation(self, x, RESIDUAL)
             if rl is not None:
                 router_logits.append(rl)
             if return_mlp_inputs:
@@ -157,6 +157,7 @@ class Transformer(nnx.Module):
         if c.final_logit_softcap is not None:
             cap = jnp.asarray(c.final_logit_softcap, logits.dtype)
             logits = jnp.tanh(logits / cap) * cap
+        logits = constrain_activation(self, logits, ("batch", "length", "act_vocab"))
         new_cache = None if cache is None else KVCache(ck, cv, k_valid, start + t)
         return Output(logits, tuple(router_logits), tuple(hidden) if return_hidden_states else None, new_cache,
                       tuple(mlp_inputs) if return_mlp_inputs else None)

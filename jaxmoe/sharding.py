@@ -45,7 +45,9 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp", "expert"),
     "length": (),
     "act_embed": (),
+    "act_heads": ("tensor",),
     "act_kv": ("tensor",),
+    "act_mlp": ("tensor",),
     "act_vocab": (),
 }
 # Dimensions that must divide: splitting them unevenly is a model/mesh mismatch, reported before loading.
@@ -238,8 +240,19 @@ def shard_model(model: nnx.Module, mesh: Mesh, *, dispatch: str = "auto",
 
 
 def attach_mesh(model: nnx.Module, mesh: Mesh) -> None:
-    """Record the mesh on the model (`model.mesh`, static) for code that constrains activations."""
+    """Record the mesh (static) on the model and on its attention and dense MLP modules, whose activations
+    are then constrained by the rule table (`constrain_activation`)."""
     model.mesh = mesh
+    for layer in getattr(model, "layers", ()):
+        layer.attn.mesh = mesh
+        if not layer.is_moe:
+            layer.mlp.mesh = mesh
+
+
+def constrain_activation(module: Any, x: Any, axes: Sequence[str | None]) -> Any:
+    """`constrain(x, axes, module.mesh)` when a mesh is attached to `module`, else x unchanged."""
+    mesh = getattr(module, "mesh", None)
+    return x if mesh is None else constrain(x, axes, mesh)
 
 
 def enable_expert_parallel(model: nnx.Module, mesh: Mesh | None, *, dispatch: str = "auto",

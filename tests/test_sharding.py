@@ -233,3 +233,22 @@ def test_kv_cache_is_split_over_batch_and_kv_heads():
     assert {s.data.shape for s in cache.valid.addressable_shards} == {(1, 16)}
     aval = sharding.shard_cache(jax.eval_shape(lambda: KVCache.empty(config, 2, 16, jnp.float32)), mesh)
     assert aval.k.sharding == cache.k.sharding
+
+
+def test_activations_are_constrained_by_the_rule_table(models):
+    """Under a mesh, q/k/v (heads over `tensor`), the dense MLP's hidden units (`tensor`), the residual stream
+    after the embedding and each layer, and the logits carry sharding constraints from LOGICAL_RULES."""
+    path, ref_logits, _ = models["qwen2_moe"]  # layer 0 MoE, layer 1 dense
+    mesh = sharding.make_mesh("expert=2,tensor=4")
+    model = converters.load(path, mesh=mesh)
+    graphdef, state = nnx.split(model)
+    lowered = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x)).lower(state, sharding.shard_batch(IDS, mesh))
+    found = re.findall(r"sdy\.sharding_constraint %\S+ <@mesh, (\[.*?\])> : tensor<([0-9x]+)x", lowered.as_text())
+    b, t = IDS.shape
+    heads = '[{"expert"}, {}, {"tensor"}, {}]'  # batch over `expert` (data parallel outside the MoE blocks)
+    assert sorted(found) == sorted([(heads, f"{b}x{t}x8x4")] * 2 + [(heads, f"{b}x{t}x4x4")] * 4  # 2 x q, k, v
+                                   + [('[{"expert"}, {}, {"tensor"}]', f"{b}x{t}x48")]  # dense MLP hidden units
+                                   + [('[{"expert"}, {}, {}]', f"{b}x{t}x32")] * 3  # embedding, after each layer
+                                   + [('[{"expert"}, {}, {}]', f"{b}x{t}x128")])  # logits
+    logits = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))(state, sharding.shard_batch(IDS, mesh))
+    assert logits.sharding.spec == P("expert") and np.abs(np.asarray(logits) - ref_logits).max() <= 1e-5
