@@ -70,21 +70,30 @@ def experts_gathered(x: jax.Array, r: Routing, wg: jax.Array, wu: jax.Array, wd:
 def experts_ragged(x: jax.Array, r: Routing, wg: jax.Array, wu: jax.Array, wd: jax.Array,
                    activation: str, kernel: str = "auto") -> jax.Array:
     """Dropless grouped MLP: sort the N*k token copies by expert, `grouped_mlp`, scatter-add back.
-    With no more token copies than experts (decode) the chosen experts' weights are gathered instead."""
+    With no more token copies than experts (decode) the chosen experts' weights are gathered instead.
+    On CPU with kernel 'auto' the cheapest exact path is taken by size (measured, see benchmarks/README):
+    gathering for at most E/2 copies, every expert on every token while the groups would average under
+    128 rows (one matmul per expert beats the blocked scan there), the blocked grouped MLP above that."""
     n, k = r.experts.shape
-    if n * k <= wg.shape[0]:
+    e = wg.shape[0]
+    if kernel == "auto" and jax.default_backend() == "cpu":
+        if 2 * n * k <= e:
+            return experts_gathered(x, r, wg, wu, wd, activation)
+        if n * k < 128 * e:
+            return experts_dense(x, r, wg, wu, wd, activation)
+    elif n * k <= e:
         return experts_gathered(x, r, wg, wu, wd, activation)
     flat = r.experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     token = order // k
-    sizes = jnp.bincount(flat, length=wg.shape[0]).astype(jnp.int32)
+    sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
     y = grouped_mlp(x[token], sizes, wg, wu, wd, activation, kernel)
     # Weights stay float32 through the multiply and are cast at the accumulation (transformers v5 order).
     y = (y.astype(jnp.float32) * r.weights.reshape(-1)[order][:, None]).astype(x.dtype)
     return jnp.zeros_like(x).at[token].add(y)
 
 
-EXPERT_IMPLS = {"ragged": experts_ragged, "dense": experts_dense,
+EXPERT_IMPLS = {"ragged": experts_ragged, "dense": experts_dense, "gathered": experts_gathered,
                 "ragged_dot": functools.partial(experts_ragged, kernel="ragged_dot"),
                 "blocked": functools.partial(experts_ragged, kernel="blocked")}
 

@@ -73,7 +73,7 @@ def test_blocked_grouped_mlp_equals_numpy(sizes, block):
 
 @pytest.mark.parametrize("tokens", [1, 2])
 def test_gathered_decode_path_equals_dense(tokens):
-    """n * k <= E takes the gathered-weights path; values and gradients equal the dense reference."""
+    """The gathered-weights path (decode: n * k <= E) equals the dense reference in values and gradients."""
     block = MoEBlock(_moe_config(num_experts=6, num_experts_per_tok=3), jnp.float32, nnx.Rngs(5))
     x = jax.random.normal(jax.random.key(2), (1, tokens, 16))
 
@@ -81,7 +81,7 @@ def test_gathered_decode_path_equals_dense(tokens):
         block.impl = impl
         return jnp.sum(jnp.cos(block(x)[0]))
 
-    (vr, (gr, xr)), (vd, (gd, xd)) = (nnx.value_and_grad(f, argnums=(0, 1))(block, x, i) for i in ("ragged", "dense"))
+    (vr, (gr, xr)), (vd, (gd, xd)) = (nnx.value_and_grad(f, argnums=(0, 1))(block, x, i) for i in ("gathered", "dense"))
     assert abs(float(vr - vd)) <= 1e-5 and np.abs(np.asarray(xr - xd)).max() <= 1e-5
     for a, b in zip(jax.tree.leaves(nnx.state(gr, nnx.Param)), jax.tree.leaves(nnx.state(gd, nnx.Param))):
         assert np.abs(np.asarray(a - b)).max() <= 1e-5
