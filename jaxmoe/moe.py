@@ -47,7 +47,9 @@ def route(x: jax.Array, router: jax.Array, k: int, renormalize: bool) -> Routing
 def experts_dense(x: jax.Array, r: Routing, wg: jax.Array, wu: jax.Array, wd: jax.Array,
                   activation: str) -> jax.Array:
     """Reference: all experts on all tokens [E, N, H], combined by the top-k weights."""
-    h = gated_activation(activation, jnp.einsum("nh,ehi->eni", x, wg), jnp.einsum("nh,ehi->eni", x, wu))
+    # A batched matmul over experts (x broadcast): "nh,ehi->eni" would make XLA:CPU transpose the weights.
+    xb = jnp.broadcast_to(x, (wg.shape[0],) + x.shape)
+    h = gated_activation(activation, jnp.einsum("enh,ehi->eni", xb, wg), jnp.einsum("enh,ehi->eni", xb, wu))
     y = jnp.einsum("eni,eih->enh", h, wd)
     combine = jnp.zeros((x.shape[0], wg.shape[0]), jnp.float32)
     combine = combine.at[jnp.arange(x.shape[0])[:, None], r.experts].add(r.weights)
@@ -73,13 +75,13 @@ def experts_ragged(x: jax.Array, r: Routing, wg: jax.Array, wu: jax.Array, wd: j
     With no more token copies than experts (decode) the chosen experts' weights are gathered instead.
     On CPU with kernel 'auto' the cheapest exact path is taken by size (measured, see benchmarks/README):
     gathering for at most E/2 copies, every expert on every token while the groups would average under
-    128 rows (one matmul per expert beats the blocked scan there), the blocked grouped MLP above that."""
+    64 rows (one matmul per expert beats the blocked scan there), the blocked grouped MLP above that."""
     n, k = r.experts.shape
     e = wg.shape[0]
     if kernel == "auto" and jax.default_backend() == "cpu":
         if 2 * n * k <= e:
             return experts_gathered(x, r, wg, wu, wd, activation)
-        if n * k < 128 * e:
+        if n * k < 64 * e:
             return experts_dense(x, r, wg, wu, wd, activation)
     elif n * k <= e:
         return experts_gathered(x, r, wg, wu, wd, activation)
