@@ -1,7 +1,13 @@
 """The frankenMoE builder: recipe -> validated plan -> gate vectors (JAX) -> streamed HF export.
 
-Memory is bounded by the base model (needed for hidden-state gates) plus one layer of experts: expert MLP
-tensors are read from their sources on demand, tensor by tensor, while the writer streams the output.
+The output's names, dtypes and shapes follow from the configs alone, so the export starts at once in a
+second thread: every tensor whose bytes already lie in a safetensors source (unchanged experts, the base
+model's attention, norms and embeddings) is copied file to file, in-kernel, while the calling thread loads
+the base model and computes the gates. The routers, and any tensor that needs arithmetic (noise, a
+residual scale, a GGUF source, a cast that would round twice), follow through `get` once the gates are
+known and the base model is dropped, so memory is bounded by the base model (needed for hidden-state
+gates) or by one layer of experts on the arithmetic path, whichever is larger. The copied bytes are
+checked against the arithmetic path by tests/test_build.py.
 """
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import gc
 import json
 import logging
 import tempfile
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -21,7 +28,7 @@ from tqdm.auto import tqdm
 from converters.errors import CheckpointError
 from converters.gates import Gates, PromptEncoder, compute_gates, tokenize_prompts
 from converters.recipe import MoERecipe, OutputPlan, RecipeError, load_recipe, validate_sources
-from jaxmoe.config import ModelConfig
+from jaxmoe.config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
 MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
@@ -119,7 +126,8 @@ def routing_preview(encoder: PromptEncoder, tokenizer, gates: Gates, prompt_grou
 
 
 def _release_memory() -> None:
-    """Give freed heap back to the OS (glibc keeps it otherwise), so the write phase starts lean."""
+    """Collect the base model (nnx modules hold reference cycles) and give the freed heap back to the OS
+    (glibc keeps it otherwise), so the arithmetic part of the export starts lean."""
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -138,13 +146,73 @@ def expert_names(recipe: MoERecipe) -> list[str]:
     return [e.name or f"expert {i}" for i, e in enumerate(recipe.experts)]
 
 
+class _Cancelled(Exception):
+    """The build failed or was interrupted in the other thread: the export stops and removes its files."""
+
+
+class _Export(threading.Thread):
+    """`write_hf` in a thread; `result()` waits for it and re-raises what it raised."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(name="jaxmoe-build-export")
+        self.kw, self.error = kw, None
+
+    def run(self) -> None:
+        from converters.hf_export import write_hf
+
+        try:
+            write_hf(**self.kw)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            self.error = e
+
+    def check(self) -> None:
+        """Raise the export's error now if it has already failed."""
+        if not self.is_alive() and self.error is not None:
+            raise self.error
+
+    def result(self) -> None:
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+class _Later:
+    """A value computed by the main thread later; `get` waits for it (or for the build's failure)."""
+
+    def __init__(self) -> None:
+        self.ready, self.value, self.failed = threading.Event(), None, False
+
+    def set(self, value: Any) -> None:
+        self.value = value
+        self.ready.set()
+
+    def fail(self) -> None:
+        self.failed = True
+        self.ready.set()
+
+    def get(self) -> Any:
+        self.ready.wait()
+        if self.failed:
+            raise _Cancelled()
+        return self.value
+
+
+def base_model_config(path: str | Path, plan: OutputPlan) -> ModelConfig:
+    """The base model's ModelConfig from the config the plan read (no weights), float32 as it is loaded."""
+    name = str(Path(path) / "config.json") if Path(path).is_dir() else str(path)
+    try:
+        return ModelConfig.from_hf(plan.base_config, name).replace(dtype="float32")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
 def build_moe(recipe: str | Path | MoERecipe, out_dir: str | Path, *, dtype: str | None = None, seed: int = 0,
               overwrite: bool = False, layout: str = "legacy", gate_input: str = "residual",
               max_shard_bytes: int = 5_000_000_000, search_dirs: tuple = (), progress: bool = True,
               on_gates: Callable[[Gates], None] | None = None) -> BuildResult:
     """Build the MoE a recipe describes and write it as an HF directory at `out_dir` (atomically)."""
     import converters
-    from converters.hf_export import write_hf
+    from converters.hf_export import check_layout
     from converters.model_card import model_card
 
     if not isinstance(recipe, MoERecipe):
@@ -155,37 +223,122 @@ def build_moe(recipe: str | Path | MoERecipe, out_dir: str | Path, *, dtype: str
         raise CheckpointError(f"{out_dir} exists; pass --overwrite to replace it")
     for w in plan.warnings:
         log.warning(w)
-    base = converters.load(recipe.base_model, dtype="float32")
+    base_config = base_model_config(recipe.base_model, plan)
+    out_dtype = dtype or recipe.dtype or plan.dtype or base_config.dtype
+    config = output_config(base_config, plan, out_dtype)
+    check_layout(config, layout)
     tokenizer = load_tokenizer(recipe.base_model, light=True)
-    shared = recipe.shared_experts[0] if recipe.shared_experts else None
-    bar = (lambda xs: tqdm(xs, desc="gates", unit="expert")) if progress else (lambda xs: xs)
-    encoder = PromptEncoder(base)
-    gates = compute_gates(recipe.gate_mode, recipe.experts, shared, encoder, tokenizer, seed, gate_input, bar)
-    if on_gates:
-        on_gates(gates)
-    out_dtype = dtype or recipe.dtype or plan.dtype or base.config.dtype
-    config = output_config(base.config, plan, out_dtype)
-    routing = routing_preview(encoder, tokenizer, gates, [e.positive_prompts for e in recipe.experts])
-    # The base model was needed for the gates only: its tensors are written from the source file.
-    base_config = base.config
-    del base, encoder
-    _release_memory()
-    get = _tensor_getter(recipe, config, base_config, gates, seed)
-    card = model_card(config, recipe_text=recipe.raw_text, routing_table=routing_table(expert_names(recipe), routing))
+    later_gates, later_card, cancelled = _Later(), _Later(), threading.Event()
+    get = _tensor_getter(recipe, config, base_config, later_gates.get, seed)
+    raw = _raw_getter(recipe, base_config, out_dtype, cancelled)
     with tempfile.TemporaryDirectory() as tok_dir:
         tokenizer.save_pretrained(tok_dir)
-        write_hf(out_dir, config, get, layout=layout, dtype=out_dtype, tokenizer_src=tok_dir, model_card=card,
-                 extra_files={"mergekit_moe_config.yml": recipe.raw_text}, overwrite=overwrite,
-                 max_shard_bytes=max_shard_bytes, progress=progress)
+        export = _Export(out_dir=out_dir, config=config, get=get, layout=layout, dtype=out_dtype,
+                         tokenizer_src=tok_dir, model_card=later_card.get, raw=raw,
+                         extra_files={"mergekit_moe_config.yml": recipe.raw_text}, overwrite=overwrite,
+                         max_shard_bytes=max_shard_bytes, progress=progress)
+        export.start()
+        try:
+            base = converters.load(recipe.base_model, dtype="float32")
+            export.check()
+            shared = recipe.shared_experts[0] if recipe.shared_experts else None
+            bar = (lambda xs: tqdm(xs, desc="gates", unit="expert")) if progress else (lambda xs: xs)
+            encoder = PromptEncoder(base, bucket=1)  # one batch of exactly the prompts' shape: one compile
+            gates = compute_gates(recipe.gate_mode, recipe.experts, shared, encoder, tokenizer, seed, gate_input,
+                                  bar)
+            if on_gates:
+                on_gates(gates)
+            routing = routing_preview(encoder, tokenizer, gates, [e.positive_prompts for e in recipe.experts])
+            del base, encoder
+            later_gates.set(gates)  # the export's arithmetic part starts now, after the base model is gone
+            later_card.set(model_card(config, recipe_text=recipe.raw_text,
+                                      routing_table=routing_table(expert_names(recipe), routing)))
+            export.result()
+        except BaseException:
+            cancelled.set()
+            later_gates.fail()
+            later_card.fail()
+            export.join()  # it removes its temporary directory before we re-raise
+            raise
     return BuildResult(out_dir, config, gates, routing)
 
 
-def _tensor_getter(recipe: MoERecipe, config: ModelConfig, base_config: ModelConfig, gates: Gates, seed: int):
-    """get(our param path) for the writer: base tensors, stacked expert MLPs, routers, shared expert."""
+def _source_reader(path: str | Path):
+    """A CheckpointReader for an HF directory with safetensors, else None (GGUF: no raw bytes to copy)."""
+    from converters.safetensors_io import CheckpointReader
+
+    path = Path(path)
+    if path.suffix == ".gguf" or not path.is_dir():
+        return None
+    try:
+        return CheckpointReader(path)
+    except CheckpointError:
+        return None  # the arithmetic path reports it
+
+
+def _raw_getter(recipe: MoERecipe, base_config: ModelConfig, out_dtype: str, cancelled: threading.Event):
+    """raw(rule, shape) for the writer: the source bytes that are exactly an output tensor, or None.
+
+    Base-model tensors (embeddings, norms, attention) are the base's own tensor when the base's name-table
+    rule for that parameter has the same reversible kind. An expert tensor (one expert's w1/w2/w3, or a
+    fused gate_up / down made of every expert's) is its source's MLP tensor when that expert adds no noise
+    and no residual scale to it. Casts must round at most once, as the arithmetic path does; a source tensor
+    of another shape is left to the arithmetic path, which reports it."""
+    from converters.hf_export import NP_DTYPES, _split, exact_cast, same_bytes
+    from converters.hf_names import hf_rules
+
+    np_out = NP_DTYPES[out_dtype]
+    readers: dict[str, Any] = {}
+    base_rules = {r.ours: r for r in hf_rules(base_config, "legacy")}
+
+    def reader(path: str):
+        if path not in readers:
+            readers[path] = _source_reader(path)
+        return readers[path]
+
+    def expert_bytes(spec, layer: int, name: str, want: tuple[int, ...]):
+        if spec.noise_scale or (name == "down_proj" and spec.residual_scale != 1.0):
+            return None
+        src = reader(spec.source_model)
+        hf = f"model.layers.{layer}.mlp.{name}.weight"
+        if src is None or not src.has(hf):
+            return None
+        t = src.locate(hf)
+        return t if tuple(t.shape) == tuple(want) and exact_cast(t.dtype, np_out) else None
+
+    def raw(rule, shape: tuple[int, ...]):
+        if cancelled.is_set():
+            raise _Cancelled()
+        targets = [_split(o) for o in rule.ours]
+        path = targets[0][0].split(".")
+        if not (path[0] == "layers" and path[2] == "mlp"):
+            src = reader(recipe.base_model)
+            return None if src is None else same_bytes(rule, base_rules.get(rule.ours), src, shape, np_out)
+        layer, rest = int(path[1]), path[3:]
+        names, js = [p.split(".")[-1] for p, _ in targets], [j for _, j in targets]
+        if names[0] not in MLP_NAMES:  # router, shared expert gate
+            return None
+        pieces = []
+        if rule.kind == "linear" and len(targets) == 1 and rest[0] == "shared_expert":
+            pieces = [expert_bytes(recipe.shared_experts[0], layer, names[0], shape)]
+        elif rule.kind == "linear" and len(targets) == 1 and js[0] is not None:  # legacy / mlp: one expert
+            pieces = [expert_bytes(recipe.experts[js[0]], layer, names[0], shape)]
+        elif rule.kind in ("fused_gate_up", "fused_down") and all(j is None for j in js):  # every expert
+            want = shape[1:] if rule.kind == "fused_down" else (shape[1] // 2, shape[2])
+            pieces = [expert_bytes(e, layer, n, want) for e in recipe.experts for n in names]
+        return pieces if pieces and all(t is not None for t in pieces) else None
+
+    return raw
+
+
+def _tensor_getter(recipe: MoERecipe, config: ModelConfig, base_config: ModelConfig, gates: Callable[[], Gates],
+                   seed: int):
+    """get(our param path) for the writer: base tensors, stacked expert MLPs, routers, shared expert.
+    `gates()` returns the gates, waiting for them (and so for the base model to be released) if need be."""
     from converters.hf_export import param_shapes, tensor_source_getter
 
-    base_get = tensor_source_getter(base_config, open_tensors(recipe.base_model), "legacy")
-    base_paths = set(param_shapes(base_config))
+    base: list = []  # [getter, our paths]: built on first use (most builds copy every base tensor raw)
+    released: list = []
     sources: dict[str, ExpertMLPs] = {}
 
     def src(path: str) -> ExpertMLPs:
@@ -203,18 +356,26 @@ def _tensor_getter(recipe: MoERecipe, config: ModelConfig, base_config: ModelCon
         return w
 
     def get(path: str) -> np.ndarray:
+        g = gates()  # also for other tensors: arithmetic waits until the base model is dropped
         parts = path.split(".")
-        if parts[0] == "layers" and parts[2] == "mlp":
-            layer, rest = int(parts[1]), parts[3:]
-            if rest == ["router"]:
-                return gates.router[layer].T.copy()
-            if rest == ["shared_expert_gate"]:
-                return gates.shared[layer][:, None].copy()
+        mlp = parts[0] == "layers" and parts[2] == "mlp"
+        layer, rest = (int(parts[1]), parts[3:]) if mlp else (None, [])
+        if rest == ["router"]:
+            return g.router[layer].T.copy()
+        if rest == ["shared_expert_gate"]:
+            return g.shared[layer][:, None].copy()
+        if not released:  # the first tensor that needs arithmetic: free the base model's memory first
+            _release_memory()
+            released.append(True)
+        if mlp:
             if rest[0] == "shared_expert":
                 return expert_tensor(recipe.shared_experts[0], len(recipe.experts), layer, rest[1])
             return np.stack([expert_tensor(e, j, layer, rest[0]) for j, e in enumerate(recipe.experts)])
-        if path in base_paths:
-            return np.asarray(base_get(path))
+        if not base:
+            base.extend([tensor_source_getter(base_config, open_tensors(recipe.base_model), "legacy"),
+                         set(param_shapes(base_config))])
+        if path in base[1]:
+            return np.asarray(base[0](path))
         if parts[-1] in ("q_bias", "k_bias", "v_bias"):  # Qwen2-MoE from a bias-free base: zero biases
             heads = config.num_heads if parts[-1] == "q_bias" else config.num_kv_heads
             return np.zeros((heads, config.head_dim), np.float32)

@@ -18,11 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxmoe.model import Transformer
+from jaxmoe.model import Transformer, prologue
 
 log = logging.getLogger(__name__)
 GATE_INPUTS = ("residual", "router_input")
 DEGENERATE_COND = 5.0  # mergekit's threshold for "your prompts may be too similar"
+FAST_CPU_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+# tokens x hidden size x layers up to which the quick compile pays: measured on SmolLM2-135M (2.8e6 of
+# them), it saves ~1 s of compile and costs ~0.2 s of run time, which grows with this product.
+FAST_COMPILE_WORK = 10_000_000
 
 
 @dataclass
@@ -55,47 +59,50 @@ def _pad(seqs: list[list[int]], rows: int, bucket: int) -> tuple[np.ndarray, np.
 
 
 class PromptEncoder:
-    """Runs the base model over prompts with correct positions (right padding) under one plain `jax.jit`.
+    """Runs the base model over prompts with correct positions (right padding), one jitted layer at a time.
 
-    The parameters are split out once and passed in, never returned, so no call copies the model; batch
-    shapes are bucketed, so a build compiles the forward once or twice. Per prompt it keeps, for every layer,
-    the last real token's state and the mean over real tokens, of both the residual stream entering the
-    layer and the normalised MLP input (what the router sees): never a whole [L, B, T, H] on the host.
+    The model's own modules run: a jitted prologue (token embedding, rotary tables, attention masks, as
+    `Transformer.forward` builds them without a cache) and one jitted `DecoderLayer` step called per layer
+    with that layer's parameters. Layers of one structure share one compilation, so compile time does not
+    grow with depth (a whole unrolled forward costs seconds of XLA time per build, a layer a fraction).
+    Parameters are passed in, never returned, so no call copies the model. Per prompt it keeps, for every
+    layer, the last real token's state and the mean over real tokens, of both the residual stream entering
+    the layer and the normalised MLP input (what the router sees): never a whole [L, B, T, H] on the host
+    beyond `keep_bytes`.
     """
 
     def __init__(self, model: Transformer, rows: int = 16, bucket: int = 16, keep_bytes: int = 256 << 20):
         self.graphdef, self.state = nnx.split(model)
+        self.config = model.config
+        self.embed = model.embed
+        self.layers = [nnx.split(layer) for layer in model.layers]
         self.rows, self.bucket = rows, bucket
         # Router-input states are kept on the host up to this many bytes, so a routing preview needs no
-        # second forward (and no second compile); beyond it `top1` runs the model again.
+        # second forward; beyond it `top1` runs the model again.
         self.keep_bytes, self.kept = keep_bytes, 0
-        self._features = jax.jit(self._features_fn)
-        self._top1 = jax.jit(self._top1_fn)
+        # Each shape runs once or twice, so for small batches compile time is what counts: on XLA:CPU, without
+        # LLVM optimisation and fusion emitters a layer compiles in a third of the time and its elementwise
+        # code runs a little slower (the matmuls are library calls either way); big batches keep the defaults.
+        fast = FAST_CPU_COMPILE if jax.default_backend() == "cpu" else None
+        self._prologue = jax.jit(_prologue, static_argnums=0, compiler_options=fast)  # no bound method: no
+        # reference cycle, so the parameters go as soon as the encoder does
+        self._layer_fast = jax.jit(_layer_step, static_argnums=0, compiler_options=fast)
+        self._layer_default = jax.jit(_layer_step, static_argnums=0)
         self.cache: dict[tuple[int, ...], dict[str, np.ndarray]] = {}
 
-    def _states(self, state, ids, mask):
-        out = nnx.merge(self.graphdef, state).forward(ids, attention_mask=mask, return_hidden_states=True,
-                                                        return_mlp_inputs=True)
-        return {"residual": jnp.stack(out.hidden_states).astype(jnp.float32),
-                "router_input": jnp.stack(out.mlp_inputs).astype(jnp.float32)}  # [L, B, T, H]
-
-    def _features_fn(self, state, ids, mask):
-        last = jnp.maximum(mask.sum(1) - 1, 0)
-        m = mask[None, :, :, None].astype(jnp.float32)
-        feats = {}
-        states = self._states(state, ids, mask)
-        for name, h in states.items():
-            feats[f"{name}/last"] = h[:, jnp.arange(ids.shape[0]), last]
-            feats[f"{name}/mean"] = (h * m).sum(2) / jnp.maximum(m.sum(2), 1.0)
-        return feats, states["router_input"]
-
-    def _top1_fn(self, state, ids, mask, router):
-        h = self._states(state, ids, mask)["router_input"]
-        return jnp.einsum("lbth,leh->lbte", h, router).argmax(-1)
+    def _run(self, ids: np.ndarray, mask: np.ndarray):
+        """Yields, per layer, (features {name/reduce: [B, H]}, router input [B, T, H]) as device arrays."""
+        x, cos, sin, masks, last, m = self._prologue(self.config, self.embed[...], ids, mask)
+        small = ids.size * self.config.hidden_size * self.config.num_layers <= FAST_COMPILE_WORK
+        step = self._layer_fast if small else self._layer_default
+        for (graphdef, state), kind in zip(self.layers, self.config.layer_types):
+            x, feats, router_input = step(graphdef, state, x, cos, sin, masks[kind], last, m)
+            yield feats, router_input
 
     def _batches(self, tokenized: list[list[int]]):
-        # Rows padded to a power of two (at most self.rows): few shapes, little wasted compute.
-        rows = min(self.rows, 1 << (max(len(tokenized), 1) - 1).bit_length())
+        # One batch of exactly the prompts (one compile, no padded rows) when they fit in self.rows; else
+        # batches of self.rows rows, all of one shape.
+        rows = max(1, len(tokenized)) if len(tokenized) <= self.rows else self.rows
         for start in range(0, len(tokenized), rows):
             chunk = tokenized[start:start + rows]
             yield chunk, _pad(chunk, rows, self.bucket)
@@ -104,11 +111,12 @@ class PromptEncoder:
         """{"residual/last", "residual/mean", "router_input/last", "router_input/mean"} -> [L, N, H]."""
         todo = [s for s in dict.fromkeys(map(tuple, tokenized)) if s not in self.cache]
         for chunk, (ids, mask) in self._batches([list(s) for s in todo]):
-            feats, states = self._features(self.state, ids, mask)
-            out = {k: np.asarray(v) for k, v in feats.items()}
-            keep = self.kept + states.size * 4 <= self.keep_bytes
-            states = np.asarray(states) if keep else None
-            self.kept += states.size * 4 if keep else 0
+            layers = list(self._run(ids, mask))  # dispatched asynchronously; waited for below
+            out = {k: np.stack([np.asarray(f[k]) for f, _ in layers]) for k in layers[0][0]}
+            size = len(layers) * layers[0][1].size * 4
+            keep = self.kept + size <= self.keep_bytes
+            states = np.stack([np.asarray(r) for _, r in layers]) if keep else None
+            self.kept += size if keep else 0
             for i, s in enumerate(chunk):
                 self.cache[tuple(s)] = {k: v[:, i] for k, v in out.items()}
                 if keep:
@@ -122,10 +130,34 @@ class PromptEncoder:
         if all(c is not None for c in cached):
             return np.concatenate([np.einsum("lth,leh->lte", c, router).argmax(-1) for c in cached], axis=1)
         out = []
+        router = np.asarray(router, np.float32)
         for chunk, (ids, mask) in self._batches(tokenized):
-            top = np.asarray(self._top1(self.state, ids, mask, jnp.asarray(router, jnp.float32)))
-            out.append(top[:, mask.astype(bool)])
+            real = mask.astype(bool)
+            out.append(np.stack([np.einsum("nh,eh->ne", np.asarray(r)[real], router[layer]).argmax(-1)
+                                 for layer, (_, r) in enumerate(self._run(ids, mask))]))
         return np.concatenate(out, axis=1)
+
+
+def _prologue(c, embed, ids, mask):
+    """What `Transformer.forward` computes before its first layer (no cache, default positions), plus each
+    row's last real position and the real-token mask [B, T, 1] for the features."""
+    b, t = ids.shape
+    slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    x, cos, sin, masks = prologue(c, embed, ids, slots, slots, mask.astype(bool))
+    last = jnp.maximum(mask.sum(1) - 1, 0)
+    return x, cos, sin, masks, last, mask[:, :, None].astype(jnp.float32)
+
+
+def _layer_step(graphdef, state, x, cos, sin, mask, last, m):
+    """One decoder layer (as `Transformer.forward` calls it without a cache) -> (its output, the float32
+    last-token and mean features of its input and of its normalised MLP input, that MLP input)."""
+    y, _, _, router_input = nnx.merge(graphdef, state)(x, cos, sin, mask)
+    feats = {}
+    for name, h in (("residual", x), ("router_input", router_input)):
+        h = h.astype(jnp.float32)
+        feats[f"{name}/last"] = h[jnp.arange(h.shape[0]), last]
+        feats[f"{name}/mean"] = (h * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+    return y, feats, router_input.astype(jnp.float32)
 
 
 def prompt_states(model: Transformer | PromptEncoder, tokenized: list[list[int]], reduce: str,

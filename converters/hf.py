@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Any, Protocol
@@ -99,14 +100,30 @@ def model_from_tensors(config: ModelConfig, source: TensorSource, name: str, dty
     values: dict[str, Any] = {}
     for rule, targets, our_shapes in checked_rules(config, source, name, {k: v[0] for k, v in shapes.items()}):
         for (n, j), arr in zip(targets, load_rule(rule, source.get(rule.hf), our_shapes)):
-            arr = np.asarray(arr).astype(target_dtype)
             if j is None:
-                values[n] = jnp.asarray(arr)
+                values[n] = _aligned_empty(np.shape(arr), target_dtype)
+                np.copyto(values[n], arr, casting="unsafe")
             else:
-                values.setdefault(n, np.zeros(shapes[n][0], target_dtype))[j] = arr
+                if n not in values:
+                    values[n] = _aligned_empty(shapes[n][0], target_dtype)
+                    values[n][...] = 0
+                np.copyto(values[n][j], arr, casting="unsafe")
+        if hasattr(source, "release"):  # copied: its file pages need not stay in our resident set
+            source.release(rule.hf)
     for path, var in flat:
-        var.set_value(jnp.asarray(values.pop(".".join(map(str, path)))))
+        # device_put (not jnp.asarray, which compiles a conversion per shape and copies) takes an aligned
+        # host array as it is on CPU: the one copy above is the only one.
+        var.set_value(jax.device_put(values.pop(".".join(map(str, path)))))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = 64) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on an `align`-byte boundary (what XLA:CPU needs
+    to use a host buffer in place)."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def load_hf(path: str | Path, dtype: str | None = None, moe_impl: str = "ragged") -> Transformer:

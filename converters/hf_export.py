@@ -2,9 +2,11 @@
 
 `write_hf` pulls each of our parameters through a `get(path)` callback in name-table order, so a caller
 can produce tensors on demand (the frankenMoE builder reads experts from their sources as they are
-needed) and memory stays bounded by about one layer. `save_hf` exports a loaded model;
-`tensor_source_getter` turns any HF-named tensor source (an HF directory, a GGUF file) into a `get`, for
-conversions that never hold the whole model.
+needed) and memory stays bounded by about one layer. A caller that knows an output tensor's bytes already
+lie in a safetensors file (an unchanged expert, a base-model tensor) names them through `raw(rule)`; those
+are copied file to file first, before any `get`. `save_hf` exports a loaded model; `tensor_source_getter`
+turns any HF-named tensor source (an HF directory, a GGUF file) into a `get`, for conversions that never
+hold the whole model, and `same_bytes` finds the source tensors an output rule can copy as they are.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import logging
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import ml_dtypes
@@ -24,8 +26,9 @@ from tqdm.auto import tqdm
 
 from converters.atomic import atomic_output_dir
 from converters.errors import CheckpointError
-from converters.hf_names import LAYOUTS, Rule, hf_rules, load_rule, save_rule
-from converters.safetensors_io import ShardedWriter
+from converters.hf_names import LAYOUTS, Rule, hf_rules, hf_shape, load_rule, save_rule
+from converters.planned_writer import PlannedWriter
+from converters.safetensors_io import TensorBytes
 from jaxmoe.config import DTYPES, ModelConfig
 from jaxmoe.config_export import config_to_hf
 
@@ -38,6 +41,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "chat_template.json")
 GEMMA2MOE_CODE = Path(__file__).parent / "gemma2moe_hf"
 Getter = Callable[[str], Any]
+RawSource = Callable[[Rule, tuple[int, ...]], "Sequence[TensorBytes] | None"]
+# Kinds whose load and save are exact inverses on one tensor (a reshape / transpose): an output rule of one of
+# these kinds writes the same bytes as the source rule of the same kind for the same parameter.
+BIJECTIVE_KINDS = ("same", "linear", "heads_in", "heads_out", "heads_bias")
 
 
 def _split(name: str) -> tuple[str, int | None]:
@@ -157,18 +164,33 @@ def _write_text(path: Path, content: str | bytes | Path) -> None:
         path.write_text(content, encoding="utf-8")
 
 
+def rule_shapes(config: ModelConfig, rules: Sequence[Rule]) -> list[tuple[int, ...]]:
+    """The HF shape of each rule's tensor for `config` (from our parameter shapes)."""
+    shapes = param_shapes(config)
+    out = []
+    for rule in rules:
+        ours = [shapes[b][1:] if j is not None else shapes[b] for b, j in map(_split, rule.ours)]
+        out.append(hf_shape(rule, ours))
+    return out
+
+
 def write_hf(out_dir: str | Path, config: ModelConfig, get: Getter, *, layout: str = "legacy",
              dtype: str | None = None, tokenizer_src: Any = None, generation_config: Mapping[str, Any] | None = None,
-             model_card: str | None = None, extra_files: Mapping[str, str | bytes | Path] | None = None,
-             overwrite: bool = False, max_shard_bytes: int = 5_000_000_000, progress: bool = True) -> Path:
+             model_card: str | Callable[[], str] | None = None,
+             extra_files: Mapping[str, str | bytes | Path] | None = None, overwrite: bool = False,
+             max_shard_bytes: int = 5_000_000_000, progress: bool = True, raw: RawSource | None = None) -> Path:
     """Write an HF model directory at `out_dir` from our parameters, atomically.
 
     get(path) returns our parameter by dotted path (`embed`, `layers.0.mlp.gate_proj` stacked [E, H, I],
     ...) as a numpy-convertible array; it is called lazily in name-table order. layout: legacy (per-expert
     names, the default), mlp or fused (transformers v5 `gate_up_proj`). dtype: the tensors' and
     config's dtype (default config.dtype). tokenizer_src: an HF directory or a tokenizer object.
-    model_card: README.md text (default: `converters.model_card.model_card(config)`). extra_files:
-    more files by name. An existing `out_dir` is refused unless `overwrite`; on any error nothing
+    model_card: README.md text, or a function returning it, called after the tensors are written (default:
+    `converters.model_card.model_card(config)`). extra_files: more files by name. raw(rule, hf_shape):
+    None, or the `TensorBytes` pieces (C-order concatenation, each cast to `dtype`) holding the HF tensor
+    of `rule` exactly; those tensors are copied file to file first (then the data so far is fsynced), the rest come
+    from `get`. The header of every shard is written first, from the name table, and every tensor goes
+    straight to its place. An existing `out_dir` is refused unless `overwrite`; on any error nothing
     appears at `out_dir`. Returns the directory.
     """
     from converters.model_card import model_card as default_card
@@ -185,19 +207,32 @@ def write_hf(out_dir: str | Path, config: ModelConfig, get: Getter, *, layout: s
     hf_config = config_to_hf(config)  # refuse inexpressible configs before writing anything
     rules = hf_rules(config, layout)
     cached = _CachedGetter(get, param_shapes(config))
+    plan = [(rule.hf, np_dtype, shape) for rule, shape in zip(rules, rule_shapes(config, rules))]
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        bar = tqdm(rules, desc=f"writing {out_dir.name}", unit="tensor", disable=not progress)
-        with ShardedWriter(tmp, max_shard_bytes=max_shard_bytes) as writer:
-            for rule in bar:
-                writer.add(rule.hf, _rule_tensor(rule, cached, np_dtype))
+        bar = tqdm(total=len(rules), desc=f"writing {out_dir.name}", unit="tensor", disable=not progress)
+        with PlannedWriter(tmp, plan, max_shard_bytes=max_shard_bytes) as writer:
+            rest = []
+            for rule, (_, _, shape) in zip(rules, plan):
+                pieces = raw(rule, shape) if raw is not None else None
+                if pieces is None:
+                    rest.append(rule)
+                else:
+                    writer.copy(rule.hf, pieces)
+                    bar.update()
+            if len(rest) < len(rules):
+                writer.sync()  # the bulk is on disk before `get` (which may wait on a caller) is asked
+            for rule in rest:
+                writer.write(rule.hf, _rule_tensor(rule, cached, np_dtype))
+                bar.update()
+        bar.close()
         cached.cache.clear()
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
         gen = _generation_config(config, generation_config)
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
         if tokenizer_src is not None:
             write_tokenizer(tokenizer_src, tmp)
-        (tmp / "README.md").write_text(model_card if model_card is not None else default_card(config),
-                                       encoding="utf-8")
+        card = model_card() if callable(model_card) else model_card
+        (tmp / "README.md").write_text(card if card is not None else default_card(config), encoding="utf-8")
         if config.model_type == "gemma2_moe":
             for src in sorted(GEMMA2MOE_CODE.glob("*_gemma2moe.py")):
                 shutil.copyfile(src, tmp / src.name)
@@ -251,3 +286,26 @@ def tensor_source_getter(config: ModelConfig, source: Any, layout: str) -> Gette
         return out
 
     return get
+
+
+def same_bytes(rule: Rule, source_rule: Rule | None, source: Any, shape: tuple[int, ...], dtype: Any
+               ) -> list[TensorBytes] | None:
+    """The bytes on disk that output `rule` (HF shape `shape`, dtype `dtype`) would write, when `source` (a
+    `CheckpointReader`) holds the same parameter through `source_rule` of the same reversible kind: the
+    output is then the source tensor itself, cast to `dtype`. None when that does not hold (other kinds,
+    several parameters per tensor, another shape, a source that cannot say where its bytes are)."""
+    if (source_rule is None or not hasattr(source, "locate") or rule.kind != source_rule.kind
+            or rule.kind not in BIJECTIVE_KINDS or rule.ours != source_rule.ours or len(rule.ours) != 1
+            or _split(rule.ours[0])[1] is not None or not source.has(source_rule.hf)):
+        return None
+    t = source.locate(source_rule.hf)
+    if tuple(t.shape) != tuple(shape) or not exact_cast(t.dtype, np.dtype(dtype)):
+        return None
+    return [t]
+
+
+def exact_cast(src: np.dtype, dst: np.dtype) -> bool:
+    """Whether one astype from src to dst gives what our import (to float32) then export would: the same
+    dtype, or a float cast through float32 that rounds at most once."""
+    f32 = np.dtype(np.float32)
+    return src == dst or (src.kind == "f" or src == NP_DTYPES["bfloat16"]) and f32 in (src, dst)

@@ -1,8 +1,12 @@
 """Dependency-free safetensors reading and writing on numpy.
 
 Reading is memory-mapped and tensor by tensor: `get` returns a read-only zero-copy view, `get_slice` touches
-only the pages of the requested region, so a process never holds a whole checkpoint in memory. Writing
-streams: `ShardedWriter.add` puts a tensor's bytes on disk at once, so memory stays bounded by one tensor.
+only the pages of the requested region, so a process never holds a whole checkpoint in memory; `locate`
+says where a tensor's bytes lie, for copies that never pass through Python. Writing streams:
+`ShardedWriter.add` puts a tensor's bytes on disk at once, so memory stays bounded by one tensor. When every
+name, dtype and shape is known up front, `PlannedWriter` writes each shard's header first and every tensor
+straight into its final place, in any order (from several threads), with tensors copied file to file
+in-kernel where their bytes already exist on disk.
 Files follow the safetensors format (8-byte little-endian header length, JSON header padded with spaces to
 8 bytes, raw little-endian data) and are read unchanged by `safetensors.safe_open` and transformers.
 """
@@ -11,9 +15,11 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import shutil
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -61,6 +67,21 @@ def dtype_code(dtype: Any) -> str:
         raise ValueError(f"dtype {dt} cannot be stored in safetensors (supported: {', '.join(DTYPES)})") from None
 
 
+@dataclass(frozen=True)
+class TensorBytes:
+    """Where a tensor's raw bytes lie on disk: C-order, little-endian `dtype` of `shape` at byte `offset` of
+    the file `path` (see `SafetensorsFile.locate`)."""
+
+    path: Path
+    offset: int
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
 def _as_le_contiguous(array: Any) -> np.ndarray:
     """numpy / ml_dtypes / jax array -> C-contiguous little-endian numpy array (copies only when needed)."""
     arr = np.asarray(array)
@@ -74,7 +95,8 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self._mmap: np.memmap | None = None
+        self._mmap: np.ndarray | None = None  # the whole file, on `_map`
+        self._map: mmap.mmap | None = None
         try:
             size = self.path.stat().st_size
             with open(self.path, "rb") as f:
@@ -154,19 +176,36 @@ class SafetensorsFile:
         dt, shape, begin, end = self._entry(name)
         if self._mmap is None:
             try:
-                self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r", shape=(self._size,))
+                with open(self.path, "rb") as f:
+                    self._map = mmap.mmap(f.fileno(), self._size, access=mmap.ACCESS_READ)
             except (OSError, ValueError) as e:  # e.g. the file shrank since its header was checked
                 raise CheckpointError(f"{self.path}: cannot map the file ({e}); was it changed while open?") from e
+            self._mmap = np.frombuffer(self._map, np.uint8)  # read-only; keeps the mapping alive
         flat = self._mmap[self._start + begin : self._start + end]
         return flat.view(dt).reshape(shape).view(np.ndarray)
+
+    def release(self, name: str) -> None:
+        """Unmap this process's pages of tensor `name` (a hint: they stay in the page cache, and a view
+        read again maps them again), so a pass over a whole checkpoint does not keep it all resident."""
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        _, _, begin, end = self._entry(name)
+        start = (self._start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > begin:
+            self._map.madvise(mmap.MADV_DONTNEED, start, self._start + end - start)
 
     def get_slice(self, name: str, index: Index | slice | int) -> np.ndarray:
         """``get(name)[index]`` without reading the rest: a read-only view; only its pages are ever touched."""
         return self.get(name)[index if isinstance(index, tuple) else (index,)]
 
+    def locate(self, name: str) -> TensorBytes:
+        """Where tensor `name`'s bytes lie in this file (nothing is read)."""
+        dt, shape, begin, _ = self._entry(name)
+        return TensorBytes(self.path, self._start + begin, dt, shape)
+
     def close(self) -> None:
         """Drop this object's mapping (arrays already returned keep theirs alive)."""
-        self._mmap = None
+        self._mmap = self._map = None
 
 
 _PICKLE_GLOBS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -280,6 +319,14 @@ class CheckpointReader:
         self.bytes_read += arr.nbytes
         return arr
 
+    def locate(self, name: str) -> TensorBytes:
+        """Where tensor `name`'s bytes lie (file, offset, dtype, shape); nothing is read or counted."""
+        return self._file_of(name).locate(name)
+
+    def release(self, name: str) -> None:
+        """Unmap this process's pages of tensor `name` after reading it (see `SafetensorsFile.release`)."""
+        self._file_of(name).release(name)
+
     def close(self) -> None:
         """Forget all open shards."""
         for f in self._files.values():
@@ -353,7 +400,20 @@ def _copy_bytes(src: Any, dst: Any) -> None:
     shutil.copyfileobj(src, dst, _COPY_CHUNK)
 
 
-class ShardedWriter:
+class _AbortOnError:
+    """Context manager of the writers: `close` on success, `abort` (delete what was written) on an error."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class ShardedWriter(_AbortOnError):
     """Streaming safetensors export into `out_dir` (``model.safetensors`` or HF-style shards + index).
 
     Each `add` writes the tensor's bytes to a temporary data file of the current shard at once, so memory is
@@ -445,12 +505,3 @@ class ShardedWriter:
         for p in [*self._shards, *self.out_dir.glob(".shard-*.tmp")]:
             p.unlink(missing_ok=True)
         self._names = []
-
-    def __enter__(self) -> "ShardedWriter":
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()

@@ -3,7 +3,7 @@ Gemma2-MoE); family differences come from ModelConfig fields."""
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,21 @@ class Output(NamedTuple):
     hidden_states: tuple[jax.Array, ...] | None
     cache: KVCache | None
     mlp_inputs: tuple[jax.Array, ...] | None = None
+
+
+def prologue(c: ModelConfig, embed: jax.Array, input_ids: jax.Array, positions: jax.Array, q_slots: jax.Array,
+             k_valid: jax.Array, place: Callable[[jax.Array], jax.Array] = lambda v: v
+             ) -> tuple[jax.Array, jax.Array, jax.Array, dict[str, jax.Array | None]]:
+    """What the model computes before its first layer: the (scaled) embeddings x, the rotary tables for
+    `positions`, and the attention masks per layer type for queries in `q_slots` over keys `k_valid`.
+    `place` lays out the embeddings (a sharding constraint under a mesh)."""
+    masks = {"full": make_mask(q_slots, k_valid, None),
+             "sliding": make_mask(q_slots, k_valid, c.sliding_window) if c.sliding_window else None}
+    x = place(embed[input_ids])
+    if c.embed_scale:
+        x = x * jnp.asarray(math.sqrt(c.hidden_size), embed.dtype)
+    cos, sin = rope_cos_sin(c, positions, x.dtype)
+    return x, cos, sin, masks
 
 
 class DecoderLayer(nnx.Module):
@@ -129,14 +144,9 @@ class Transformer(nnx.Module):
             k_valid = new_valid
         else:
             k_valid = jax.lax.dynamic_update_slice(cache.valid, new_valid, (0, start))
-        masks = {"full": make_mask(q_slots, k_valid, None),
-                 "sliding": make_mask(q_slots, k_valid, c.sliding_window) if c.sliding_window else None}
-
         embed = self.embed[...]
-        x = constrain_activation(self, embed[input_ids], RESIDUAL)  # mesh set by jaxmoe.sharding.attach_mesh
-        if c.embed_scale:
-            x = x * jnp.asarray(math.sqrt(c.hidden_size), embed.dtype)
-        cos, sin = rope_cos_sin(c, positions, x.dtype)
+        x, cos, sin, masks = prologue(c, embed, input_ids, positions, q_slots, k_valid,
+                                      lambda v: constrain_activation(self, v, RESIDUAL))
         hidden, router_logits, mlp_inputs = [], [], []
         ck, cv = (None, None) if cache is None else (cache.k, cache.v)
         for i, layer in enumerate(self.layers):

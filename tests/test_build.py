@@ -136,24 +136,78 @@ def test_noise_and_residual_scale(sources, tmp_path):
     assert 0.0022 < float((down - 0.25 * w2).std()) < 0.0028
 
 
-def test_interrupted_build_leaves_no_out_dir(sources, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["copy", "arithmetic", "main"])
+def test_interrupted_build_leaves_no_out_dir(sources, tmp_path, monkeypatch, where):
+    """Interrupted while the export thread copies tensors file to file, while it computes noisy experts, or
+    in the main thread (gates) while the export runs: no OUT_DIR and no temporary directory is left."""
     import converters.build as build
+    from converters.planned_writer import PlannedWriter
 
     base = sources["mistral"][0]
+    recipe = _recipe(tmp_path, base, [base, base])
     calls = {"n": 0}
-    real = build.ExpertMLPs.get
 
-    def boom(self, layer, name):
-        calls["n"] += 1
-        if calls["n"] > 4:
-            raise KeyboardInterrupt
-        return real(self, layer, name)
+    def after(n, real):
+        def boom(*args, **kw):
+            calls["n"] += 1
+            if calls["n"] > n:
+                raise KeyboardInterrupt
+            return real(*args, **kw)
+        return boom
 
-    monkeypatch.setattr(build.ExpertMLPs, "get", boom)
+    if where == "copy":
+        monkeypatch.setattr(PlannedWriter, "copy", after(4, PlannedWriter.copy))
+    elif where == "arithmetic":
+        spec = yaml.safe_load(recipe.read_text())
+        spec["experts"][1]["noise_scale"] = 0.01
+        recipe.write_text(yaml.safe_dump(spec))
+        monkeypatch.setattr(build.ExpertMLPs, "get", after(2, build.ExpertMLPs.get))
+    else:
+        monkeypatch.setattr(build, "compute_gates", after(0, build.compute_gates))
     with pytest.raises(KeyboardInterrupt):
-        build_moe(_recipe(tmp_path, base, [base, base]), tmp_path / "out", progress=False)
+        build_moe(recipe, tmp_path / "out", progress=False)
+    assert calls["n"] > 0
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob("out.tmp-*"))
+
+
+@pytest.mark.parametrize("fam,layout,dtype,noise", [
+    ("mistral", "legacy", "float32", False), ("mistral", "fused", "float32", False),
+    ("mistral", "legacy", "bfloat16", True), ("qwen2", "legacy", "float32", False),
+    ("gemma2", "legacy", "float32", False)])
+def test_copied_tensors_equal_the_arithmetic_path(sources, tmp_path, monkeypatch, fam, layout, dtype, noise):
+    """Tensors copied file to file from the sources are byte for byte what the arithmetic path (read, stack,
+    transpose, cast) writes: whole output directories are identical."""
+    import converters.build as build
+    from converters.planned_writer import PlannedWriter
+
+    base, s1, s2 = sources[fam]
+    top = {}
+    if fam == "qwen2":
+        top = dict(architecture="qwen", shared_experts=[{"source_model": str(s1), "positive_prompts": ["the chat"],
+                                                         "residual_scale": 0.5}])
+    recipe = _recipe(tmp_path, base, [s1, s2, base], **top)
+    if noise:
+        spec = yaml.safe_load(recipe.read_text())
+        spec["experts"][1]["noise_scale"] = 0.01
+        recipe.write_text(yaml.safe_dump(spec))
+    copied = []
+    real_copy = PlannedWriter.copy
+    monkeypatch.setattr(PlannedWriter, "copy", lambda self, name, pieces: (copied.append(name),
+                                                                           real_copy(self, name, pieces)))
+    build_moe(recipe, tmp_path / "copied", layout=layout, dtype=dtype, progress=False, max_shard_bytes=60_000)
+    monkeypatch.setattr(build, "_raw_getter", lambda *args: lambda rule, shape: None)
+    n = len(copied)
+    build_moe(recipe, tmp_path / "computed", layout=layout, dtype=dtype, progress=False, max_shard_bytes=60_000)
+    assert len(copied) == n and any("embed" in c for c in copied) and any("experts" in c for c in copied)
+    assert not any(c.endswith("gate.weight") for c in copied)  # routers come from the gates
+    if noise:
+        assert not any(".experts.1." in c for c in copied) and any(".experts.2." in c for c in copied)
+    files = sorted(p.name for p in (tmp_path / "computed").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "copied").iterdir())
+    assert len(list((tmp_path / "copied").glob("*.safetensors"))) > 1
+    for f in files:
+        assert (tmp_path / "computed" / f).read_bytes() == (tmp_path / "copied" / f).read_bytes(), f
 
 
 def test_cli_refuses_existing_out_dir(sources, tmp_path, capsys):

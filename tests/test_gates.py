@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import converters
-from converters.gates import (cheap_embed_gate, compute_gates, embed_algebra_gates, hidden_gate, random_gates)
+import converters.gates as gates_mod
+from converters.gates import (PromptEncoder, _pad, cheap_embed_gate, compute_gates, embed_algebra_gates, hidden_gate,
+                              random_gates)
 from tests.tiny_tokenizer import make_tokenizer
 
 POS = ["write a python function", "the code of a list", "add x and y in python"]
@@ -130,3 +132,33 @@ def test_degenerate_gates_warn(setup, caplog):
         g = compute_gates("hidden", [_E(POS), _E(POS)], None, model, tok)
     assert g.cond.min() > 1e3
     assert "degenerate routing parameters" in caplog.text
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("name", ["llama", "mistral_sw", "gemma2", "qwen2_moe"])
+def test_prompt_encoder_runs_what_the_model_forward_runs(tiny_hf, monkeypatch, name, fast):
+    """The layer-by-layer encoder (its own prologue: embedding scale, rotary tables, full and sliding masks)
+    gives the states `Transformer.forward` gives, for every family (sandwich norms, soft-caps, biases, MoE
+    and dense layers mixed), with the quick and the default compile."""
+    monkeypatch.setattr(gates_mod, "FAST_COMPILE_WORK", 10**12 if fast else 0)
+    model = converters.load(tiny_hf(name)[0])
+    rng = np.random.default_rng(1)
+    seqs = [[1] + rng.integers(3, 128, n).tolist() for n in (20, 2, 9)]  # longer than 2 sliding windows
+    enc = PromptEncoder(model, bucket=1)
+    feats = enc.features(seqs)
+    ids, mask = _pad(seqs, len(seqs), 1)
+    out = model.forward(ids, attention_mask=mask, return_hidden_states=True, return_mlp_inputs=True)
+    lengths = mask.sum(1)
+    for where, states in (("residual", out.hidden_states), ("router_input", out.mlp_inputs)):
+        h = np.stack([np.asarray(x, np.float32) for x in states])  # [L, B, T, H]
+        scale = np.abs(h).max()
+        last = h[:, np.arange(len(seqs)), lengths - 1]
+        mean = (h * mask[None, :, :, None]).sum(2) / lengths[None, :, None]
+        assert np.abs(feats[f"{where}/last"] - last).max() <= 1e-5 * scale, where
+        assert np.abs(feats[f"{where}/mean"] - mean).max() <= 1e-5 * scale, where
+    router = rng.standard_normal((model.config.num_layers, 3, model.config.hidden_size)).astype(np.float32)
+    kept = enc.top1(seqs, router)  # from the states kept by `features`
+    enc.cache.clear()
+    enc.keep_bytes = 0
+    assert np.array_equal(enc.top1(seqs, router), kept)  # running the layers again
+    assert kept.shape == (model.config.num_layers, int(lengths.sum()))

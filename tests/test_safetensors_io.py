@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import struct
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import pytest
 
+import converters.planned_writer as pw
 from converters.atomic import atomic_output_dir
 from converters.errors import CheckpointError
+from converters.planned_writer import PlannedWriter
 from converters.safetensors_io import (
     CheckpointReader,
     SafetensorsFile,
     ShardedWriter,
+    TensorBytes,
     write_safetensors,
 )
 
@@ -378,3 +384,95 @@ def test_atomic_sigkill_leaves_only_tmp_sibling(tmp_path: Path) -> None:
     assert proc.returncode == -9, proc.stderr
     left = [p.name for p in tmp_path.iterdir()]
     assert len(left) == 1 and left[0].startswith("OUT.tmp-")
+
+
+# ---- PlannedWriter: header first, every tensor straight to its place ----------------------------------------
+
+
+@pytest.mark.parametrize("max_shard_bytes", [64, 5_000_000_000])
+def test_planned_writer_writes_what_sharded_writer_writes(tmp_path: Path, max_shard_bytes: int) -> None:
+    tensors = _all_dtypes()
+    with ShardedWriter(tmp_path / "a", max_shard_bytes=max_shard_bytes) as w:
+        for k, v in tensors.items():
+            w.add(k, v)
+    plan = [(k, np.asarray(v).dtype, np.shape(v)) for k, v in tensors.items()]
+    with PlannedWriter(tmp_path / "b", plan, max_shard_bytes=max_shard_bytes) as p:
+        names, errors = list(tensors), []
+
+        def write(keys: list[str]) -> None:
+            try:
+                for k in keys:
+                    p.write(k, tensors[k])
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=write, args=(names[i::3],)) for i in range(3)]  # any order, 3 threads
+        for t in reversed(threads):
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+    files = sorted(f.name for f in (tmp_path / "a").iterdir())
+    assert files == sorted(f.name for f in (tmp_path / "b").iterdir())
+    assert len(files) == (1 if max_shard_bytes > 1000 else len(p.names) + 1) and len(p.names) == len(w.close())
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+@pytest.mark.parametrize("in_kernel", [True, False])
+def test_planned_writer_copies_and_casts_file_bytes(tmp_path: Path, monkeypatch, in_kernel: bool) -> None:
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((3, 5)).astype(np.float32)
+    b = np.arange(4, dtype=np.float32)
+    c = rng.standard_normal((2, 3)).astype(ml_dtypes.bfloat16)
+    write_safetensors(tmp_path / "src.safetensors", {"a": a, "b": b, "c": c})
+    src = SafetensorsFile(tmp_path / "src.safetensors")
+    monkeypatch.setattr(pw, "_BUFFER_BYTES", 8)  # many small chunks on the read/write paths
+    if not in_kernel:
+        def refuse(*args):
+            raise OSError(errno.EXDEV, "cross-device")
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    plan = [("a", np.float32, (3, 5)), ("ab", np.float32, (19,)), ("a16", ml_dtypes.bfloat16, (3, 5)),
+            ("c32", np.float32, (2, 3)), ("empty", np.float32, (0, 2))]
+    with PlannedWriter(tmp_path / "out", plan) as w:
+        w.copy("c32", [src.locate("c")])
+        w.copy("ab", [src.locate("a"), src.locate("b")])
+        w.copy("a", [src.locate("a")])
+        w.copy("a16", [src.locate("a")])
+        w.copy("empty", [])
+    out = SafetensorsFile(tmp_path / "out" / "model.safetensors")
+    _same(a, out.get("a"))
+    _same(np.concatenate([a.reshape(-1), b]), out.get("ab"))
+    _same(a.astype(ml_dtypes.bfloat16), out.get("a16"))
+    _same(c.astype(np.float32), out.get("c32"))
+    assert out.get("empty").shape == (0, 2)
+    t = src.locate("b")
+    assert (t.dtype, t.shape, t.nbytes) == (np.dtype("<f4"), (4,), 16)
+    assert (tmp_path / "src.safetensors").read_bytes()[t.offset:t.offset + 16] == b.tobytes()
+
+
+def test_planned_writer_refuses_wrong_and_missing_tensors(tmp_path: Path) -> None:
+    plan = [("x", np.float32, (2, 2)), ("y", np.float32, (3,))]
+    w = PlannedWriter(tmp_path / "o", plan)
+    with pytest.raises(ValueError, match=r"tensor 'x': got float32 \[4\], planned float32 \[2, 2\]"):
+        w.write("x", np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match="planned float32"):
+        w.write("x", np.zeros((2, 2), np.float64))
+    w.write("x", np.ones((2, 2), np.float32))
+    with pytest.raises(ValueError, match="'x' was already written"):
+        w.write("x", np.ones((2, 2), np.float32))
+    with pytest.raises(KeyError, match="'z' is not in the plan"):
+        w.write("z", np.ones(1, np.float32))
+    with pytest.raises(ValueError, match="do not make its planned shape"):
+        w.copy("y", [TensorBytes(tmp_path, 0, np.dtype(np.float32), (2,))])
+    short = tmp_path / "short.bin"
+    short.write_bytes(b"\0" * 8)
+    with pytest.raises(CheckpointError, match="short.bin: ends before byte 8"):
+        w.copy("y", [TensorBytes(short, 0, np.dtype(np.float32), (3,))])
+    with pytest.raises(RuntimeError, match="never written"):
+        PlannedWriter(tmp_path / "o2", plan).close()
+    w.abort()
+    assert list((tmp_path / "o").iterdir()) == []
+    with pytest.raises(CheckpointError, match="already holds safetensors"):
+        (tmp_path / "o" / "model.safetensors").write_bytes(b"")
+        PlannedWriter(tmp_path / "o", plan)
