@@ -43,8 +43,10 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
                  cache: tuple[jax.Array, jax.Array, int] | None = None,
-                 cache_index: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """x [B, T, H] -> ([B, T, H], updated (k, v) cache or None). mask is [B, 1, T, S]."""
+                 cache_index: jax.Array | None = None, fresh: bool = False
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """x [B, T, H] -> ([B, T, H], updated (k, v) cache or None). mask is [B, 1, T, S], S the cache
+        length, or [B, 1, T, T] when `fresh` (an empty cache written from slot 0: only these keys exist)."""
         q = jnp.einsum("bth,hnd->btnd", x, self.q_proj[...])
         k = jnp.einsum("bth,hnd->btnd", x, self.k_proj[...])
         v = jnp.einsum("bth,hnd->btnd", x, self.v_proj[...])
@@ -62,7 +64,8 @@ class Attention(nnx.Module):
             ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], start)
             cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], start)
             cache = (ck, cv)
-            k, v = ck[layer], cv[layer]
+            if not fresh:  # a fresh cache holds nothing before this call: attend to this call's keys only
+                k, v = ck[layer], cv[layer]
         b, t, n, d = q.shape
         g = n // self.num_kv_heads
         q = q.reshape(b, t, self.num_kv_heads, g, d)

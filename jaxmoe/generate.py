@@ -96,16 +96,11 @@ def _prefill(graphdef, treedef, leaves, ids, positions, mask, *, length: int, me
     """Fill a fresh `length`-slot cache with the prompt; the logits are unused, so XLA drops them."""
     _COMPILES["prefill"] += 1  # runs only while tracing, i.e. once per compile
     model = _merge(graphdef, treedef, leaves)
-    # The prompt attends only to itself: run it over a cache of exactly its length (no attention to the
-    # empty slots after it), then pad the cache to `length` slots for decoding.
-    cache = KVCache.empty(model.config, ids.shape[0], ids.shape[1], jnp.dtype(model.config.dtype))
+    cache = KVCache.empty(model.config, ids.shape[0], length, jnp.dtype(model.config.dtype))
     if mesh is not None:
         cache = sharding.shard_cache(cache, mesh)
-    cache = model.forward(ids, positions, mask, cache).cache
-    grow = length - ids.shape[1]
-    kv_pad = ((0, 0), (0, 0), (0, grow), (0, 0), (0, 0))
-    cache = KVCache(jnp.pad(cache.k, kv_pad), jnp.pad(cache.v, kv_pad), jnp.pad(cache.valid, ((0, 0), (0, grow))),
-                    cache.index)
+    # The prompt attends only to itself (fresh cache): no attention to the empty slots after it.
+    cache = model.forward(ids, positions, mask, cache, fresh_cache=True).cache
     return cache if mesh is None else sharding.shard_cache(cache, mesh)
 
 

@@ -80,9 +80,9 @@ class DecoderLayer(nnx.Module):
             self.mlp = MLP(config.hidden_size, config.intermediate_size, config.activation, dtype, rngs)
         self.sliding = config.layer_types[layer] == "sliding"
 
-    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, fresh=False):
         """Returns (x, router logits or None, updated layer cache, normalised MLP input)."""
-        h, cache = self.attn(self.attn_norm(x), cos, sin, mask, cache, cache_index)
+        h, cache = self.attn(self.attn_norm(x), cos, sin, mask, cache, cache_index, fresh)
         if hasattr(self, "attn_out_norm"):
             h = self.attn_out_norm(h)
         x = x + h
@@ -126,12 +126,14 @@ class Transformer(nnx.Module):
 
     def forward(self, input_ids: jax.Array, positions: jax.Array | None = None,
                 attention_mask: jax.Array | None = None, cache: KVCache | None = None,
-                return_hidden_states: bool = False, return_mlp_inputs: bool = False) -> Output:
+                return_hidden_states: bool = False, return_mlp_inputs: bool = False,
+                fresh_cache: bool = False) -> Output:
         """Run the model.
 
         input_ids [B, T]; positions [B, T] (default: cache index + arange, as transformers);
         attention_mask [B, T] with 1 for real tokens (default all real); cache: a KVCache whose slots
-        `cache.index .. cache.index+T` receive this call's keys and values.
+        `cache.index .. cache.index+T` receive this call's keys and values. fresh_cache=True promises
+        that the cache is empty and its index 0 (a prefill): attention then skips the empty slots.
         """
         c = self.config
         input_ids = jnp.asarray(input_ids, jnp.int32)
@@ -145,7 +147,7 @@ class Transformer(nnx.Module):
         else:
             k_valid = jax.lax.dynamic_update_slice(cache.valid, new_valid, (0, start))
         embed = self.embed[...]
-        x, cos, sin, masks = prologue(c, embed, input_ids, positions, q_slots, k_valid,
+        x, cos, sin, masks = prologue(c, embed, input_ids, positions, q_slots, new_valid if fresh_cache else k_valid,
                                       lambda v: constrain_activation(self, v, RESIDUAL))
         hidden, router_logits, mlp_inputs = [], [], []
         ck, cv = (None, None) if cache is None else (cache.k, cache.v)
@@ -153,7 +155,8 @@ class Transformer(nnx.Module):
             if return_hidden_states:
                 hidden.append(x)
             layer_cache = None if cache is None else (ck, cv, i)
-            x, rl, layer_cache, m_in = layer(x, cos, sin, masks[c.layer_types[i]], layer_cache, start)
+            x, rl, layer_cache, m_in = layer(x, cos, sin, masks[c.layer_types[i]], layer_cache, start,
+                                             fresh_cache and cache is not None)
             x = constrain_activation(self, x, RESIDUAL)
             if rl is not None:
                 router_logits.append(rl)
