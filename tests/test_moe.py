@@ -71,6 +71,29 @@ def test_blocked_grouped_mlp_equals_numpy(sizes, block):
     assert np.all(np.asarray(got)[sum(sizes):] == 0)
 
 
+@pytest.mark.parametrize("tokens,path", [(1, "gathered"), (20, "dense"), (200, "blocked")])
+def test_cpu_auto_dispatch_takes_each_path_and_equals_dense(tokens, path):
+    """`ragged` on CPU picks by size (5 experts, k=2): gathered weights for 2 copies, all experts for 40, the
+    blocked grouped MLP (a scan) for 400; each gives the dense reference's values."""
+    assert jax.default_backend() == "cpu"
+    block = MoEBlock(_moe_config(), jnp.float32, nnx.Rngs(7))
+    for name in ("router", "gate_proj", "up_proj", "down_proj"):  # sharp weights: outputs of order 1
+        getattr(block, name).set_value(getattr(block, name)[...] * 15.0)
+    x = jax.random.normal(jax.random.key(4), (1, tokens, 16)) * 2.0
+
+    def run(impl):
+        block.impl = impl
+        return block(x)[0]
+
+    block.impl = "ragged"
+    jaxpr = str(jax.make_jaxpr(lambda x: block(x)[0])(x))
+    assert ("scan" in jaxpr) == (path == "blocked")
+    want = np.asarray(run("dense"))
+    got = np.asarray(run("ragged"))
+    assert np.abs(want).max() > 0.1 and np.abs(got - want).max() <= 1e-5
+    assert np.abs(got - np.asarray(run(path))).max() == 0.0  # auto took exactly this path
+
+
 @pytest.mark.parametrize("tokens", [1, 2])
 def test_gathered_decode_path_equals_dense(tokens):
     """The gathered-weights path (decode: n * k <= E) equals the dense reference in values and gradients."""
