@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmoe.attention import Attention, make_mask
+from jaxmoe.attention import Attention, cache_shape, make_mask
 from jaxmoe.config import ModelConfig
 from jaxmoe.mlp import MLP
 from jaxmoe.moe import MoEBlock
@@ -21,19 +21,30 @@ RESIDUAL = ("batch", "length", "act_embed")
 
 
 class KVCache(NamedTuple):
-    """Preallocated keys/values [L, B, S, kv, d], which slots hold real tokens [B, S], next slot index."""
+    """Preallocated keys/values, one array per layer ([B, kv, S, d] stored as `attention.cache_shape`:
+    without size-1 B / kv dims), which slots hold real tokens [B, S], and the next slot index.
 
-    k: jax.Array
-    v: jax.Array
+    One buffer per layer (not a stacked [L, ...] array) lets XLA update each in place while attention reads
+    it; [B, kv, S, d] is the layout the attention matmuls read without a transposed copy per step (a
+    [B, S, kv, d] cache cost 2.4x more attention time in decode at batch 8, 640 slots)."""
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     valid: jax.Array
     index: jax.Array
 
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, length: int, dtype: jnp.dtype) -> "KVCache":
         """An all-empty cache of `length` slots."""
-        shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, length), bool),
-                   jnp.zeros((), jnp.int32))
+        shape = cache_shape(batch, config.num_kv_heads, length, config.head_dim)
+        layers = range(config.num_layers)
+        return cls(tuple(jnp.zeros(shape, dtype) for _ in layers), tuple(jnp.zeros(shape, dtype) for _ in layers),
+                   jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
+
+    def layer(self, i: int, num_kv_heads: int) -> tuple[jax.Array, jax.Array]:
+        """Layer i's keys and values as [B, kv, S, d]."""
+        b, s = self.valid.shape
+        return tuple(x.reshape(b, num_kv_heads, s, x.shape[-1]) for x in (self.k[i], self.v[i]))
 
 
 class Output(NamedTuple):
@@ -150,11 +161,11 @@ class Transformer(nnx.Module):
         x, cos, sin, masks = prologue(c, embed, input_ids, positions, q_slots, new_valid if fresh_cache else k_valid,
                                       lambda v: constrain_activation(self, v, RESIDUAL))
         hidden, router_logits, mlp_inputs = [], [], []
-        ck, cv = (None, None) if cache is None else (cache.k, cache.v)
+        ck, cv = (None, None) if cache is None else (list(cache.k), list(cache.v))
         for i, layer in enumerate(self.layers):
             if return_hidden_states:
                 hidden.append(x)
-            layer_cache = None if cache is None else (ck, cv, i)
+            layer_cache = None if cache is None else (ck[i], cv[i])
             x, rl, layer_cache, m_in = layer(x, cos, sin, masks[c.layer_types[i]], layer_cache, start,
                                              fresh_cache and cache is not None)
             x = constrain_activation(self, x, RESIDUAL)
@@ -163,7 +174,7 @@ class Transformer(nnx.Module):
             if return_mlp_inputs:
                 mlp_inputs.append(m_in)
             if layer_cache is not None:
-                ck, cv = layer_cache
+                ck[i], cv[i] = layer_cache
         x = self.final_norm(x)
         head = embed.T if c.tie_word_embeddings else self.lm_head[...]
         logits = x @ head
@@ -171,7 +182,7 @@ class Transformer(nnx.Module):
             cap = jnp.asarray(c.final_logit_softcap, logits.dtype)
             logits = jnp.tanh(logits / cap) * cap
         logits = constrain_activation(self, logits, ("batch", "length", "act_vocab"))
-        new_cache = None if cache is None else KVCache(ck, cv, k_valid, start + t)
+        new_cache = None if cache is None else KVCache(tuple(ck), tuple(cv), k_valid, start + t)
         return Output(logits, tuple(router_logits), tuple(hidden) if return_hidden_states else None, new_cache,
                       tuple(mlp_inputs) if return_mlp_inputs else None)
 

@@ -322,11 +322,15 @@ def replicate(x: Any, mesh: Mesh) -> Any:
 
 
 def cache_shardings(cache: Any, mesh: Mesh):
-    """NamedShardings for a KVCache (k/v [L, B, S, kv, d], valid [B, S], index []): batch as the inputs,
-    KV heads over `tensor`."""
+    """NamedShardings for a KVCache (k/v: per layer `attention.cache_shape`; valid [B, S]; index []): batch
+    as the inputs, KV heads over `tensor`."""
+    from jaxmoe.attention import cache_axes
     from jaxmoe.model import KVCache
 
-    kv = NamedSharding(mesh, logical_to_spec((None, "batch", "length", "act_kv", None), cache.k.shape, mesh))
+    batch = cache.valid.shape[0]
+    kv_heads = (math.prod(cache.k[0].shape[:-2]) // batch) if cache.k else 1
+    axes = cache_axes(batch, kv_heads)
+    kv = tuple(NamedSharding(mesh, logical_to_spec(axes, a.shape, mesh)) for a in cache.k)
     valid = NamedSharding(mesh, logical_to_spec(("batch", "length"), cache.valid.shape, mesh))
     return KVCache(kv, kv, valid, NamedSharding(mesh, P()))
 
@@ -335,7 +339,7 @@ def shard_cache(cache: Any, mesh: Mesh):
     """A KVCache (arrays, tracers or ShapeDtypeStructs) placed/constrained by `cache_shardings`."""
     from jaxmoe.model import KVCache
 
-    return KVCache(*(_place(x, s) for x, s in zip(cache, cache_shardings(cache, mesh))))
+    return jax.tree.map(_place, cache, cache_shardings(cache, mesh))
 
 
 # ---- multi-host ------------------------------------------------------------------------------------
