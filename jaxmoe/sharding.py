@@ -329,10 +329,10 @@ def cache_shardings(cache: Any, mesh: Mesh):
 
     batch = cache.valid.shape[0]
     kv_heads = (math.prod(cache.k[0].shape[:-2]) // batch) if cache.k else 1
-    axes = cache_axes(batch, kv_heads)
-    kv = tuple(NamedSharding(mesh, logical_to_spec(axes, a.shape, mesh)) for a in cache.k)
+    k, v = (tuple(NamedSharding(mesh, logical_to_spec(cache_axes(batch, kv_heads, keys), a.shape, mesh))
+                  for a in arrays) for keys, arrays in ((True, cache.k), (False, cache.v)))
     valid = NamedSharding(mesh, logical_to_spec(("batch", "length"), cache.valid.shape, mesh))
-    return KVCache(kv, kv, valid, NamedSharding(mesh, P()))
+    return KVCache(k, v, valid, NamedSharding(mesh, P()))
 
 
 def shard_cache(cache: Any, mesh: Mesh):
