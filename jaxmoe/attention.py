@@ -40,6 +40,16 @@ def cache_axes(batch: int, kv_heads: int, keys: bool) -> tuple[str | None, ...]:
     return tuple(a for a, n in (("batch", batch), ("act_kv", kv_heads)) if n != 1) + inner
 
 
+def query_chunks(t: int, causal: bool) -> list[tuple[int, int]]:
+    """Query ranges [a, e) that attention processes one after another. With causal keys in the queries' own
+    frame, long inputs are cut into at most 8 chunks (>= 128 rows) so that chunk [a, e) multiplies only
+    the keys before e: about 40% less work and smaller score buffers for a prefill of 512 tokens."""
+    if not causal or t < 256:
+        return [(0, t)]
+    size = -(-max(128, -(-t // 8)) // 64) * 64
+    return [(a, min(a + size, t)) for a in range(0, t, size)]
+
+
 def _batched_matmul(x: jax.Array, y: jax.Array, contract: tuple[int, int]) -> jax.Array:
     """x [B, kv, M, .] times y [B, kv, ., .] over the dims `contract`, batched over (B, kv)."""
     return jax.lax.dot_general(x, y, (((contract[0],), (contract[1],)), ((0, 1), (0, 1))))
@@ -97,19 +107,30 @@ class Attention(nnx.Module):
         b, t, n, d = q.shape
         kv = self.num_kv_heads
         g = n // kv
-        # Queries as [B, kv, g*T, d]: both products are plain batched matmuls over (B, kv) that read the
-        # cache in place (a separate T axis made XLA:CPU's decode attention 3x slower).
-        q = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
-        scores = _batched_matmul(q, k, contract=(3, 2)) * jnp.asarray(self.scale, q.dtype)
+        # Queries as [B, kv, g, T, d], multiplied as [B, kv, g*T, d]: both products are plain batched
+        # matmuls over (B, kv) that read the cache in place (a separate T axis made XLA:CPU's decode
+        # attention 3x slower).
+        q = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4)
+        # Keys in this call's own frame (no cache, or a fresh one): query chunk [a, e) sees keys < e only.
+        causal = cache is None or fresh
+        outs = [self._attend(q[:, :, :, a:e], k[..., :e] if causal else k, v[:, :, :e] if causal else v,
+                             mask[:, :, a:e, :e] if causal else mask[:, :, a:e])
+                for a, e in query_chunks(t, causal)]
+        out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+        out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
+        y = (out.reshape(b * t, n * d) @ self.o_proj[...].reshape(n * d, -1)).reshape(b, t, -1)
+        if hasattr(self, "o_bias"):
+            y = y + self.o_bias[...]
+        return y, cache
+
+    def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+        """q [B, kv, g, T, d], keys [B, kv, d, S], values [B, kv, S, d], mask [B, 1, T, S] -> [B, kv, g, T, d]."""
+        b, kv, g, t, d = q.shape
+        scores = _batched_matmul(q.reshape(b, kv, g * t, d), k, contract=(3, 2)) * jnp.asarray(self.scale, q.dtype)
         if self.softcap is not None:
             c = jnp.asarray(self.softcap, scores.dtype)
             scores = jnp.tanh(scores / c) * c
         scores = scores.reshape(b, kv, g, t, -1)
         scores = jnp.where(mask[:, :, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(b, kv, g * t, -1)
-        out = _batched_matmul(probs, v, contract=(3, 2))  # [B, kv, g*T, d]
-        out = out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
-        y = (out.reshape(b * t, n * d) @ self.o_proj[...].reshape(n * d, -1)).reshape(b, t, -1)
-        if hasattr(self, "o_bias"):
-            y = y + self.o_bias[...]
-        return y, cache
+        return _batched_matmul(probs, v, contract=(3, 2)).reshape(b, kv, g, t, d)
