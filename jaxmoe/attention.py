@@ -34,6 +34,11 @@ def cache_shape(batch: int, kv_heads: int, length: int, head_dim: int, keys: boo
     return tuple(n for n in (batch, kv_heads) if n != 1) + inner
 
 
+def cache_view(stored: jax.Array, batch: int, kv_heads: int) -> jax.Array:
+    """A stored cache array (`cache_shape`) as 4-D: [B, kv, d, S] keys or [B, kv, S, d] values."""
+    return stored.reshape((batch, kv_heads) + stored.shape[-2:])
+
+
 def cache_axes(batch: int, kv_heads: int, keys: bool) -> tuple[str | None, ...]:
     """Logical axis names of `cache_shape` (for sharding)."""
     inner = (None, "length") if keys else ("length", None)
@@ -103,7 +108,7 @@ class Attention(nnx.Module):
             cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype).reshape(v_stored), lead + (cache_index, 0))
             cache = (ck, cv)
             if not fresh:
-                k, v = ck.reshape((b_, kv_) + ck.shape[-2:]), cv.reshape((b_, kv_) + cv.shape[-2:])
+                k, v = cache_view(ck, b_, kv_), cache_view(cv, b_, kv_)
         b, t, n, d = q.shape
         kv = self.num_kv_heads
         g = n // kv
@@ -113,9 +118,8 @@ class Attention(nnx.Module):
         q = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4)
         # Keys in this call's own frame (no cache, or a fresh one): query chunk [a, e) sees keys < e only.
         causal = cache is None or fresh
-        outs = [self._attend(q[:, :, :, a:e], k[..., :e] if causal else k, v[:, :, :e] if causal else v,
-                             mask[:, :, a:e, :e] if causal else mask[:, :, a:e])
-                for a, e in query_chunks(t, causal)]
+        ends = [(a, e, e if causal else None) for a, e in query_chunks(t, causal)]  # (queries, last key)
+        outs = [self._attend(q[:, :, :, a:e], k[..., :s], v[:, :, :s], mask[:, :, a:e, :s]) for a, e, s in ends]
         out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
         out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
         y = (out.reshape(b * t, n * d) @ self.o_proj[...].reshape(n * d, -1)).reshape(b, t, -1)

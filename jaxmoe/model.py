@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmoe.attention import Attention, cache_shape, make_mask
+from jaxmoe.attention import Attention, cache_shape, cache_view, make_mask
 from jaxmoe.config import ModelConfig
 from jaxmoe.mlp import MLP
 from jaxmoe.moe import MoEBlock
@@ -45,9 +45,8 @@ class KVCache(NamedTuple):
 
     def layer(self, i: int, num_kv_heads: int) -> tuple[jax.Array, jax.Array]:
         """Layer i's keys and values, both as [B, kv, S, d]."""
-        b, s = self.valid.shape
-        k, v = self.k[i], self.v[i]
-        return k.reshape(b, num_kv_heads, k.shape[-2], s).swapaxes(2, 3), v.reshape(b, num_kv_heads, s, v.shape[-1])
+        b = self.valid.shape[0]
+        return cache_view(self.k[i], b, num_kv_heads).swapaxes(2, 3), cache_view(self.v[i], b, num_kv_heads)
 
 
 class Output(NamedTuple):

@@ -337,8 +337,6 @@ def cache_shardings(cache: Any, mesh: Mesh):
 
 def shard_cache(cache: Any, mesh: Mesh):
     """A KVCache (arrays, tracers or ShapeDtypeStructs) placed/constrained by `cache_shardings`."""
-    from jaxmoe.model import KVCache
-
     return jax.tree.map(_place, cache, cache_shardings(cache, mesh))
 
 
