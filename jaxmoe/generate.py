@@ -12,6 +12,7 @@ token and yields the first new token, so prefill and decode share the decode exe
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import time
 from typing import Any, Callable, NamedTuple, Sequence
@@ -23,6 +24,7 @@ from flax import nnx
 
 from jaxmoe import sharding
 from jaxmoe.model import KVCache
+from jaxmoe.moe import expert_slices
 from jaxmoe.sampling import SamplingConfig, sample, sampling_config
 
 _COMPILES: collections.Counter = collections.Counter()
@@ -221,9 +223,12 @@ def generate_full(model, input_ids, max_new_tokens: int, temperature: float = 0.
     positions = np.maximum(np.cumsum(mask_p, axis=1) - 1, 0).astype(np.int32)
     length = _round_up(p + max_new_tokens - 1, bucket)
 
-    graphdef, state = nnx.split(model)
-    leaves, treedef = jax.tree.flatten(state)
     mesh = sharding.model_mesh(model)
+    # On CPU the MoE blocks' expert weights also go in as one aliasing array per expert (no copy): the
+    # decode step then reads the chosen experts in place instead of copying their slices.
+    with expert_slices(model) if mesh is None else contextlib.nullcontext():
+        graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
     # Under a mesh the prompt is split over the batch axes and the small per-row values are replicated.
     batched = (lambda x: sharding.shard_batch(x, mesh)) if mesh is not None else jnp.asarray
     small = (lambda x: sharding.replicate(jnp.asarray(x), mesh)) if mesh is not None else jnp.asarray

@@ -9,16 +9,22 @@ Ways to compute the experts, equal in value and gradient:
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import NamedTuple
+from typing import Iterator, NamedTuple, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxmoe.config import ModelConfig
 from jaxmoe.grouped import grouped_mlp
 from jaxmoe.mlp import MLP, gated_activation
+
+
+Experts = Union[jax.Array, Sequence[jax.Array]]  # stacked [E, ...] or one array per expert
+ExpertWeights = tuple[Sequence[jax.Array], Sequence[jax.Array], Sequence[jax.Array]]  # gate, up, down
 
 
 class Routing(NamedTuple):
@@ -69,20 +75,39 @@ def experts_gathered(x: jax.Array, r: Routing, wg: jax.Array, wu: jax.Array, wd:
     return y.reshape(n, k, -1).sum(axis=1)
 
 
+def experts_looped(x: jax.Array, r: Routing, wg: Experts, wu: Experts, wd: Experts,
+                   activation: str) -> jax.Array:
+    """Few tokens (decode, short inputs): a loop over the experts that runs every token through each expert
+    some token chose and skips the others (`lax.cond`), so each used expert's weights are read once and
+    unused experts cost nothing. The weights are stacked [E, ...] arrays or sequences of E per-expert
+    arrays (`expert_slices`: XLA:CPU copies a slice of a stacked array before a matmul, a separate array
+    it reads in place). Accumulates in expert order, like transformers' eager loop."""
+    n, k = r.experts.shape
+    chosen = r.experts[:, :, None] == jnp.arange(len(wg))  # [n, k, E]
+    combine = jnp.sum(jnp.where(chosen, r.weights[:, :, None], 0.0), axis=1)  # [n, E] float32
+    routed = jnp.any(chosen, axis=1)  # [n, E]
+    y = jnp.zeros_like(x)
+    for e in range(len(wg)):
+        def run(x, e=e):
+            return (gated_activation(activation, x @ wg[e], x @ wu[e]) @ wd[e]).astype(jnp.float32)
+        out = jax.lax.cond(jnp.any(routed[:, e]), run, lambda x: jnp.zeros(x.shape, jnp.float32), x)
+        # where, not a multiply by 0: an unrouted token's inf/nan must not leak in.
+        y = y + jnp.where(routed[:, e:e + 1], out * combine[:, e:e + 1], 0.0).astype(x.dtype)
+    return y
+
+
 def experts_ragged(x: jax.Array, r: Routing, wg: jax.Array, wu: jax.Array, wd: jax.Array,
-                   activation: str, kernel: str = "auto") -> jax.Array:
+                   activation: str, kernel: str = "auto", slices: ExpertWeights | None = None) -> jax.Array:
     """Dropless grouped MLP: sort the N*k token copies by expert, `grouped_mlp`, scatter-add back.
     With no more token copies than experts (decode) the chosen experts' weights are gathered instead.
     On CPU with kernel 'auto' the cheapest exact path is taken by size (measured, see benchmarks/README):
-    gathering for at most E/2 copies, every expert on every token while the groups would average under
-    64 rows (one matmul per expert beats the blocked scan there), the blocked grouped MLP above that."""
+    the loop over the used experts (`experts_looped`, on `slices` when given) while the groups would
+    average under 64 rows, the blocked grouped MLP above that."""
     n, k = r.experts.shape
     e = wg.shape[0]
     if kernel == "auto" and jax.default_backend() == "cpu":
-        if 2 * n * k <= e:
-            return experts_gathered(x, r, wg, wu, wd, activation)
         if n * k < 64 * e:
-            return experts_dense(x, r, wg, wu, wd, activation)
+            return experts_looped(x, r, *(slices or (wg, wu, wd)), activation)
     elif n * k <= e:
         return experts_gathered(x, r, wg, wu, wd, activation)
     flat = r.experts.reshape(-1)
@@ -96,6 +121,7 @@ def experts_ragged(x: jax.Array, r: Routing, wg: jax.Array, wu: jax.Array, wd: j
 
 
 EXPERT_IMPLS = {"ragged": experts_ragged, "dense": experts_dense, "gathered": experts_gathered,
+                "looped": experts_looped,
                 "ragged_dot": functools.partial(experts_ragged, kernel="ragged_dot"),
                 "blocked": functools.partial(experts_ragged, kernel="blocked")}
 
@@ -126,8 +152,50 @@ class MoEBlock(nnx.Module):
         impl = EXPERT_IMPLS[self.impl]
         # Hook for jaxmoe.moe_parallel: expert-parallel impls also take the block (mesh, capacity, drop stat).
         extra = {"block": self} if getattr(impl, "takes_block", False) else {}
+        if impl is experts_ragged and hasattr(self, "expert_slices"):
+            extra = {"slices": self.expert_slices.get_value()}
         y = impl(flat, r, self.gate_proj[...], self.up_proj[...], self.down_proj[...], self.activation, **extra)
         if hasattr(self, "shared_expert"):
             gate = jax.nn.sigmoid(flat @ self.shared_expert_gate[...])
             y = y + gate * self.shared_expert(flat)
         return y.reshape(b, t, h), r.logits.reshape(b, t, -1)
+
+
+class ExpertSlices(nnx.Variable):
+    """Per-expert arrays that alias a block's stacked expert weights (no copy); see `expert_slices`."""
+
+
+def _aliased_slices(stacked: jax.Array) -> tuple[jax.Array, ...] | None:
+    """The E sub-arrays of a stacked single-device CPU array as arrays sharing its memory, or None where
+    JAX would copy them (then the stacked weights are used as they are)."""
+    if jax.default_backend() != "cpu" or len(stacked.devices()) != 1:
+        return None
+    device = next(iter(stacked.devices()))
+    host = np.asarray(stacked)  # zero-copy, read-only view of the CPU buffer
+    parts = tuple(jax.device_put(host[e], device) for e in range(host.shape[0]))
+    size = host[0].nbytes
+    base = stacked.unsafe_buffer_pointer()
+    if any(p.unsafe_buffer_pointer() != base + e * size for e, p in enumerate(parts)):
+        return None
+    return parts
+
+
+@contextlib.contextmanager
+def expert_slices(model: nnx.Module) -> Iterator[int]:
+    """While open, every MoE block of `model` (CPU, unsharded) also carries its expert weights as one array
+    per expert, sharing memory with the stacked parameters, and the CPU 'ragged' path for few tokens reads
+    them in place: XLA:CPU copies a slice of a stacked array before a matmul (decode at batch 1 read each
+    chosen expert's weights three times). Meant around `nnx.split` for inference: the split state keeps
+    the slices after the block drops them on exit. Yields the number of blocks that got slices."""
+    blocks = [m for _, m in nnx.iter_graph(model) if isinstance(m, MoEBlock)]
+    done = []
+    try:
+        for b in blocks:
+            parts = [_aliased_slices(w[...]) for w in (b.gate_proj, b.up_proj, b.down_proj)]
+            if all(p is not None for p in parts):
+                b.expert_slices = ExpertSlices(tuple(parts))
+                done.append(b)
+        yield len(done)
+    finally:
+        for b in done:
+            del b.expert_slices

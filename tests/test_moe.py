@@ -11,7 +11,7 @@ from flax import nnx
 import converters
 from jaxmoe import ModelConfig
 from jaxmoe.grouped import _blocked_mlp
-from jaxmoe.moe import MoEBlock
+from jaxmoe.moe import ExpertSlices, MoEBlock, expert_slices
 from tests.ckpt_edit import G2M_NAMES, dense_to_moe, rewrite
 from tests.tiny_models import hf_logits
 
@@ -71,10 +71,10 @@ def test_blocked_grouped_mlp_equals_numpy(sizes, block):
     assert np.all(np.asarray(got)[sum(sizes):] == 0)
 
 
-@pytest.mark.parametrize("tokens,path", [(1, "gathered"), (20, "dense"), (200, "blocked")])
+@pytest.mark.parametrize("tokens,path", [(1, "looped"), (20, "looped"), (200, "blocked")])
 def test_cpu_auto_dispatch_takes_each_path_and_equals_dense(tokens, path):
-    """`ragged` on CPU picks by size (5 experts, k=2): gathered weights for 2 copies, all experts for 40, the
-    blocked grouped MLP (a scan) for 400; each gives the dense reference's values."""
+    """`ragged` on CPU picks by size (5 experts, k=2): the loop over the used experts for 2 and 40 copies,
+    the blocked grouped MLP (a scan) for 400; each gives the dense reference's values."""
     assert jax.default_backend() == "cpu"
     block = MoEBlock(_moe_config(), jnp.float32, nnx.Rngs(7))
     for name in ("router", "gate_proj", "up_proj", "down_proj"):  # sharp weights: outputs of order 1
@@ -88,6 +88,7 @@ def test_cpu_auto_dispatch_takes_each_path_and_equals_dense(tokens, path):
     block.impl = "ragged"
     jaxpr = str(jax.make_jaxpr(lambda x: block(x)[0])(x))
     assert ("scan" in jaxpr) == (path == "blocked")
+    assert (jaxpr.count("cond[") == 5) == (path == "looped")  # one skippable branch per expert
     want = np.asarray(run("dense"))
     got = np.asarray(run("ragged"))
     assert np.abs(want).max() > 0.1 and np.abs(got - want).max() <= 1e-5
@@ -108,6 +109,39 @@ def test_gathered_decode_path_equals_dense(tokens):
     assert abs(float(vr - vd)) <= 1e-5 and np.abs(np.asarray(xr - xd)).max() <= 1e-5
     for a, b in zip(jax.tree.leaves(nnx.state(gr, nnx.Param)), jax.tree.leaves(nnx.state(gd, nnx.Param))):
         assert np.abs(np.asarray(a - b)).max() <= 1e-5
+
+
+def test_expert_slices_alias_the_stacked_weights_and_give_the_same_values():
+    """`expert_slices`: one array per expert that shares memory with the stacked parameter (no copy), used
+    by the CPU few-token path with exactly the stacked weights' values and gradients, and gone on exit."""
+    block = MoEBlock(_moe_config(), jnp.float32, nnx.Rngs(3))
+    x = jax.random.normal(jax.random.key(5), (2, 3, 16))
+
+    def f(block, x):
+        return jnp.sum(jnp.sin(block(x)[0]))
+
+    want, (gb_want, gx_want) = nnx.value_and_grad(f, argnums=(0, 1))(block, x)
+    with expert_slices(block) as n:
+        assert n == 1
+        gate = block.gate_proj[...]
+        parts = block.expert_slices.get_value()[0]
+        assert len(parts) == gate.shape[0]
+        for e, part in enumerate(parts):
+            assert part.unsafe_buffer_pointer() == gate.unsafe_buffer_pointer() + e * part.nbytes
+            assert np.array_equal(np.asarray(part), np.asarray(gate[e]))
+        jaxpr = str(jax.make_jaxpr(lambda x: block(x)[0])(x))
+        got, (gb, gx) = nnx.value_and_grad(f, argnums=(0, 1))(block, x)
+    assert not hasattr(block, "expert_slices")
+    assert jaxpr.count("cond[") == 5
+    assert abs(float(got - want)) <= 1e-6 and np.abs(np.asarray(gx - gx_want)).max() <= 1e-6
+    assert float(jnp.abs(gb_want.router[...] - gb.router[...]).max()) <= 1e-6
+    # The block computes its experts from the slices when it has them, not from the stacked weights.
+    w = [block.gate_proj[...], block.up_proj[...], block.down_proj[...] * 2.0]
+    block.expert_slices = ExpertSlices(tuple(tuple(a[e] for e in range(a.shape[0])) for a in w))
+    doubled = block(x)[0]
+    del block.expert_slices
+    block.down_proj.set_value(w[2])
+    assert np.abs(np.asarray(doubled - block(x)[0])).max() <= 1e-6
 
 
 def test_routing_renormalises_top_k():
