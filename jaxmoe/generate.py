@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import dataclasses
 import time
 from typing import Any, Callable, NamedTuple, Sequence
@@ -145,6 +146,24 @@ def _executable(kind: str, fn: Callable, static: dict, args: tuple, donate: tupl
     return exe, time.perf_counter() - t0
 
 
+def _return_freed_memory() -> None:
+    """Give heap memory that earlier calls freed back to the OS (glibc `malloc_trim`; a no-op elsewhere).
+    glibc keeps freed heap pages of the cache-sized buffers, so peak RSS grew with every call (four SmolLM2
+    B8 P512 calls: 1301 -> 1563 MiB; trimmed first: 1273 MiB each)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
 # ---- input checks -----------------------------------------------------------------------------------
 
 
@@ -214,6 +233,7 @@ def generate_full(model, input_ids, max_new_tokens: int, temperature: float = 0.
         stats = GenerationStats(b, int(mask.sum()), 0, 0.0, 0.0, 0.0, 0)
         return GenerationResult(ids, None, stats)
 
+    _return_freed_memory()
     # Left-pad the prompt to its bucket and size the cache; pads are masked keys with dummy token 0.
     p = _round_up(max(t, 2), bucket)
     ids_p = np.zeros((b, p), np.int32)

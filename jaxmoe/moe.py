@@ -1,9 +1,11 @@
 """Sparse MoE block: float32 softmax router, top-k, optional renormalisation, optional gated shared expert.
 
 Ways to compute the experts, equal in value and gradient:
-- `ragged`: dropless; token copies are sorted by expert and run through a grouped MLP
-  (`jaxmoe.grouped.grouped_mlp`: `ragged_dot` on TPU/GPU, a blocked scan on CPU), so the work is
-  proportional to k, not to the number of experts. `ragged_dot` / `blocked` force one kernel.
+- `ragged`: dropless, work proportional to k, not to the number of experts. On TPU/GPU the token copies
+  are sorted by expert and run through `jaxmoe.grouped.grouped_mlp` (`ragged_dot`); on CPU a loop over
+  the used experts for few tokens (`looped`, decode) or per-expert matmuls over the rows sorted by expert
+  (`bucketed`, prefill), both reading each expert's weights once. `ragged_dot` / `blocked` force one
+  grouped kernel.
 - `dense`: every expert on every token, combined with a [tokens, experts] weight matrix; the simple
   reference the tests compare against.
 """
@@ -96,19 +98,54 @@ def experts_looped(x: jax.Array, r: Routing, wg: Experts, wu: Experts, wd: Exper
     return y
 
 
+def bucket_rows(n: int) -> int:
+    """Row granularity of `experts_bucketed` for n tokens: at most 8 sizes per expert, multiples of 32."""
+    return max(32, -(-(-(-n // 8)) // 32) * 32)
+
+
+def experts_bucketed(x: jax.Array, r: Routing, wg: Experts, wu: Experts, wd: Experts,
+                     activation: str) -> jax.Array:
+    """Prefill-sized inputs on CPU: the token copies sorted by expert, then per expert (in order) one matmul
+    chain over its rows rounded up to a `bucket_rows` multiple (`lax.switch` over those static sizes; an
+    expert nobody chose is skipped). Each expert's weights are read once, in place when they are per-expert
+    arrays, and the work is about the routed rows (k/E of `experts_dense`). A bucket's tail spills into the
+    next experts' rows, which are computed later and overwrite it."""
+    n, k = r.experts.shape
+    step = bucket_rows(n)
+    sizes_static = range(step, -(-n // step) * step + 1, step)  # one expert gets at most n rows
+    flat = r.experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    token = order // k
+    counts = jnp.bincount(flat, length=len(wg)).astype(jnp.int32)
+    starts = jnp.cumsum(counts) - counts
+    pad = sizes_static[-1]
+    xs = jnp.concatenate([x[token], jnp.zeros((pad, x.shape[1]), x.dtype)])
+    out = jnp.zeros((n * k + pad, x.shape[1]), x.dtype)
+    for e in range(len(wg)):
+        def run(out, start, rows, e=e):
+            xb = jax.lax.dynamic_slice_in_dim(xs, start, rows)
+            yb = gated_activation(activation, xb @ wg[e], xb @ wu[e]) @ wd[e]
+            return jax.lax.dynamic_update_slice_in_dim(out, yb.astype(out.dtype), start, 0)
+        branches = [lambda out, start: out] + [functools.partial(run, rows=m) for m in sizes_static]
+        out = jax.lax.switch((counts[e] + step - 1) // step, branches, out, starts[e])
+    # Weights stay float32 through the multiply and are cast at the accumulation (transformers v5 order).
+    y = (out[:n * k].astype(jnp.float32) * r.weights.reshape(-1)[order][:, None]).astype(x.dtype)
+    return jnp.zeros_like(x).at[token].add(y)
+
+
 def experts_ragged(x: jax.Array, r: Routing, wg: jax.Array, wu: jax.Array, wd: jax.Array,
                    activation: str, kernel: str = "auto", slices: ExpertWeights | None = None) -> jax.Array:
     """Dropless grouped MLP: sort the N*k token copies by expert, `grouped_mlp`, scatter-add back.
     With no more token copies than experts (decode) the chosen experts' weights are gathered instead.
-    On CPU with kernel 'auto' the cheapest exact path is taken by size (measured, see benchmarks/README):
-    the loop over the used experts (`experts_looped`, on `slices` when given) while the groups would
-    average under 64 rows, the blocked grouped MLP above that."""
+    On CPU with kernel 'auto' the cheapest exact path is taken by size (measured, see benchmarks/README),
+    on `slices` (per-expert arrays, `expert_slices`) when given: the loop over the used experts while the
+    groups would average under 16 rows (decode), the per-expert bucketed matmuls above that."""
     n, k = r.experts.shape
     e = wg.shape[0]
     if kernel == "auto" and jax.default_backend() == "cpu":
-        if n * k < 64 * e:
-            return experts_looped(x, r, *(slices or (wg, wu, wd)), activation)
-    elif n * k <= e:
+        impl = experts_looped if n * k < 16 * e else experts_bucketed
+        return impl(x, r, *(slices or (wg, wu, wd)), activation)
+    if n * k <= e:
         return experts_gathered(x, r, wg, wu, wd, activation)
     flat = r.experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)
@@ -121,7 +158,7 @@ def experts_ragged(x: jax.Array, r: Routing, wg: jax.Array, wu: jax.Array, wd: j
 
 
 EXPERT_IMPLS = {"ragged": experts_ragged, "dense": experts_dense, "gathered": experts_gathered,
-                "looped": experts_looped,
+                "looped": experts_looped, "bucketed": experts_bucketed,
                 "ragged_dot": functools.partial(experts_ragged, kernel="ragged_dot"),
                 "blocked": functools.partial(experts_ragged, kernel="blocked")}
 

@@ -11,7 +11,7 @@ from flax import nnx
 import converters
 from jaxmoe import ModelConfig
 from jaxmoe.grouped import _blocked_mlp
-from jaxmoe.moe import ExpertSlices, MoEBlock, expert_slices
+from jaxmoe.moe import ExpertSlices, MoEBlock, Routing, experts_bucketed, experts_dense, expert_slices
 from tests.ckpt_edit import G2M_NAMES, dense_to_moe, rewrite
 from tests.tiny_models import hf_logits
 
@@ -71,10 +71,11 @@ def test_blocked_grouped_mlp_equals_numpy(sizes, block):
     assert np.all(np.asarray(got)[sum(sizes):] == 0)
 
 
-@pytest.mark.parametrize("tokens,path", [(1, "looped"), (20, "looped"), (200, "blocked")])
+@pytest.mark.parametrize("tokens,path", [(1, "looped"), (39, "looped"), (40, "bucketed"), (200, "bucketed")])
 def test_cpu_auto_dispatch_takes_each_path_and_equals_dense(tokens, path):
-    """`ragged` on CPU picks by size (5 experts, k=2): the loop over the used experts for 2 and 40 copies,
-    the blocked grouped MLP (a scan) for 400; each gives the dense reference's values."""
+    """`ragged` on CPU picks by size (5 experts, k=2): the loop over the used experts below 16 copies per
+    expert on average, the bucketed per-expert matmuls over sorted rows from there; each gives the dense
+    reference's values."""
     assert jax.default_backend() == "cpu"
     block = MoEBlock(_moe_config(), jnp.float32, nnx.Rngs(7))
     for name in ("router", "gate_proj", "up_proj", "down_proj"):  # sharp weights: outputs of order 1
@@ -87,12 +88,37 @@ def test_cpu_auto_dispatch_takes_each_path_and_equals_dense(tokens, path):
 
     block.impl = "ragged"
     jaxpr = str(jax.make_jaxpr(lambda x: block(x)[0])(x))
-    assert ("scan" in jaxpr) == (path == "blocked")
-    assert (jaxpr.count("cond[") == 5) == (path == "looped")  # one skippable branch per expert
+    assert "scan" not in jaxpr and jaxpr.count("cond[") == 5  # one skippable branch (set) per expert
+    assert ("sort" in jaxpr) == (path == "bucketed")
     want = np.asarray(run("dense"))
     got = np.asarray(run("ragged"))
     assert np.abs(want).max() > 0.1 and np.abs(got - want).max() <= 1e-5
     assert np.abs(got - np.asarray(run(path))).max() == 0.0  # auto took exactly this path
+
+
+@pytest.mark.parametrize("sizes", [(4, 0, 7, 1, 0), (0, 0, 12, 0, 0), (12, 0, 0, 0, 12), (3, 3, 3, 3, 0)])
+def test_bucketed_experts_equal_dense_for_any_group_sizes(sizes):
+    """Experts nobody chose, one expert with every row, buckets spilling into later experts' rows: the
+    bucketed path against the dense reference, values and gradients, with hand-made routings (k=2,
+    `sizes` rows per expert)."""
+    rng = np.random.default_rng(sum(i * n for i, n in enumerate(sizes)))
+    e, h, i = 5, 6, 10
+    slots = np.concatenate([np.full(n, g) for g, n in enumerate(sizes)]).astype(np.int32)
+    # Token t's copies are slots[2t], slots[2t + 1] (a repeated id just counts twice in both paths).
+    experts = slots.reshape(-1, 2)
+    n = experts.shape[0]
+    weights = jnp.asarray(rng.uniform(0.1, 1.0, size=(n, 2)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(n, h)), jnp.float32)
+    w = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((e, h, i), (e, h, i), (e, i, h))]
+    r = Routing(jnp.zeros((n, e)), weights, jnp.asarray(experts))
+
+    def f(impl, x, *w):
+        return jnp.sum(jnp.sin(impl(x, r, *w, "silu")))
+
+    for argnum in range(4):
+        (vb, gb), (vd, gd) = (jax.value_and_grad(f, argnums=argnum + 1)(impl, x, *w)
+                              for impl in (experts_bucketed, experts_dense))
+        assert abs(float(vb - vd)) <= 1e-4 and np.abs(np.asarray(gb - gd)).max() <= 1e-4 * (1 + np.abs(np.asarray(gd)).max())
 
 
 @pytest.mark.parametrize("tokens", [1, 2])
