@@ -127,8 +127,8 @@ class Transformer(nnx.Module):
                                                                    pdtype), axes=("embed", "vocab"))
 
     def set_moe_impl(self, impl: str) -> None:
-        """Choose how experts are computed: 'ragged' (grouped MLP; 'ragged_dot' / 'blocked' force its kernel)
-        or 'dense' (reference)."""
+        """Choose how experts are computed: 'ragged' (dropless, the fastest exact path for the backend and size;
+        'ragged_dot' / 'blocked' / 'bucketed' / 'looped' / 'gathered' force one) or 'dense' (reference)."""
         for layer in self.layers:
             if layer.is_moe:
                 layer.mlp.impl = impl

@@ -100,7 +100,8 @@ def experts_looped(x: jax.Array, r: Routing, wg: Experts, wu: Experts, wd: Exper
 
 def bucket_rows(n: int) -> int:
     """Row granularity of `experts_bucketed` for n tokens: at most 8 sizes per expert, multiples of 32."""
-    return max(32, -(-(-(-n // 8)) // 32) * 32)
+    per_size = -(-n // 8)
+    return max(32, -(-per_size // 32) * 32)
 
 
 def experts_bucketed(x: jax.Array, r: Routing, wg: Experts, wu: Experts, wd: Experts,
