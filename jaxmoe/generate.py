@@ -12,8 +12,8 @@ token and yields the first new token, so prefill and decode share the decode exe
 from __future__ import annotations
 
 import collections
-import contextlib
 import ctypes
+import functools
 import dataclasses
 import time
 from typing import Any, Callable, NamedTuple, Sequence
@@ -146,22 +146,23 @@ def _executable(kind: str, fn: Callable, static: dict, args: tuple, donate: tupl
     return exe, time.perf_counter() - t0
 
 
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
 def _return_freed_memory() -> None:
     """Give heap memory that earlier calls freed back to the OS (glibc `malloc_trim`; a no-op elsewhere).
     glibc keeps freed heap pages of the cache-sized buffers, so peak RSS grew with every call (four SmolLM2
     B8 P512 calls: 1301 -> 1563 MiB; trimmed first: 1273 MiB each)."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC = None
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 # ---- input checks -----------------------------------------------------------------------------------
@@ -244,9 +245,9 @@ def generate_full(model, input_ids, max_new_tokens: int, temperature: float = 0.
     length = _round_up(p + max_new_tokens - 1, bucket)
 
     mesh = sharding.model_mesh(model)
-    # On CPU the MoE blocks' expert weights also go in as one aliasing array per expert (no copy): the
-    # decode step then reads the chosen experts in place instead of copying their slices.
-    with expert_slices(model) if mesh is None else contextlib.nullcontext():
+    # On CPU (unsharded) the MoE blocks' expert weights also go in as one aliasing array per expert (no
+    # copy): the decode step then reads the chosen experts in place instead of copying their slices.
+    with expert_slices(model):
         graphdef, state = nnx.split(model)
     leaves, treedef = jax.tree.flatten(state)
     # Under a mesh the prompt is split over the batch axes and the small per-row values are replicated.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxmoe.mlp import gated_activation
+from jaxmoe.mlp import gated_activation, gated_mlp
 
 KERNELS = ("auto", "ragged_dot", "blocked")
 
@@ -59,10 +59,10 @@ def _blocked_mlp(xs: jax.Array, sizes: jax.Array, wg: jax.Array, wu: jax.Array, 
 
     def run(out, ex, r):
         xb = jax.lax.dynamic_slice_in_dim(xs_pad, r, b)
-        h = gated_activation(activation, xb @ wg[ex], xb @ wu[ex])
         # A block's tail may spill into the next group's rows; that group's own blocks come later and
         # overwrite them, and rows past the last group are cut off below.
-        return jax.lax.dynamic_update_slice_in_dim(out, (h @ wd[ex]).astype(out.dtype), r, 0)
+        yb = gated_mlp(xb, wg[ex], wu[ex], wd[ex], activation)
+        return jax.lax.dynamic_update_slice_in_dim(out, yb.astype(out.dtype), r, 0)
 
     def step(out, plan):
         ex, r, u = plan

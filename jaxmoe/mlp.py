@@ -21,6 +21,11 @@ def gated_activation(name: str, gate: jax.Array, up: jax.Array) -> jax.Array:
     return ACTIVATIONS[name](gate.astype(jnp.float32)).astype(gate.dtype) * up
 
 
+def gated_mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, activation: str) -> jax.Array:
+    """down(act(x @ gate) * (x @ up)) for plain weight matrices (one expert's, in the MoE paths)."""
+    return gated_activation(activation, x @ gate, x @ up) @ down
+
+
 class MLP(nnx.Module):
     """down(act(gate(x)) * up(x))."""
 

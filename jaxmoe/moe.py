@@ -22,7 +22,7 @@ from flax import nnx
 
 from jaxmoe.config import ModelConfig
 from jaxmoe.grouped import grouped_mlp
-from jaxmoe.mlp import MLP, gated_activation
+from jaxmoe.mlp import MLP, gated_activation, gated_mlp
 
 
 Experts = Union[jax.Array, Sequence[jax.Array]]  # stacked [E, ...] or one array per expert
@@ -84,18 +84,32 @@ def experts_looped(x: jax.Array, r: Routing, wg: Experts, wu: Experts, wd: Exper
     unused experts cost nothing. The weights are stacked [E, ...] arrays or sequences of E per-expert
     arrays (`expert_slices`: XLA:CPU copies a slice of a stacked array before a matmul, a separate array
     it reads in place). Accumulates in expert order, like transformers' eager loop."""
-    n, k = r.experts.shape
     chosen = r.experts[:, :, None] == jnp.arange(len(wg))  # [n, k, E]
     combine = jnp.sum(jnp.where(chosen, r.weights[:, :, None], 0.0), axis=1)  # [n, E] float32
     routed = jnp.any(chosen, axis=1)  # [n, E]
     y = jnp.zeros_like(x)
     for e in range(len(wg)):
         def run(x, e=e):
-            return (gated_activation(activation, x @ wg[e], x @ wu[e]) @ wd[e]).astype(jnp.float32)
+            return gated_mlp(x, wg[e], wu[e], wd[e], activation).astype(jnp.float32)
         out = jax.lax.cond(jnp.any(routed[:, e]), run, lambda x: jnp.zeros(x.shape, jnp.float32), x)
         # where, not a multiply by 0: an unrouted token's inf/nan must not leak in.
         y = y + jnp.where(routed[:, e:e + 1], out * combine[:, e:e + 1], 0.0).astype(x.dtype)
     return y
+
+
+def _sort_by_expert(r: Routing, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The N*k token copies sorted by expert: (order into the flat copies, token of each sorted copy, rows
+    per expert [E] int32)."""
+    flat = r.experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    return order, order // r.experts.shape[1], jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+
+
+def _combine_sorted(x: jax.Array, y: jax.Array, r: Routing, order: jax.Array, token: jax.Array) -> jax.Array:
+    """Weight the sorted copies' outputs y and add them back onto their tokens [N, H]. The weights stay
+    float32 through the multiply and are cast at the accumulation (transformers v5 order)."""
+    y = (y.astype(jnp.float32) * r.weights.reshape(-1)[order][:, None]).astype(x.dtype)
+    return jnp.zeros_like(x).at[token].add(y)
 
 
 def bucket_rows(n: int) -> int:
@@ -114,10 +128,7 @@ def experts_bucketed(x: jax.Array, r: Routing, wg: Experts, wu: Experts, wd: Exp
     n, k = r.experts.shape
     step = bucket_rows(n)
     sizes_static = range(step, -(-n // step) * step + 1, step)  # one expert gets at most n rows
-    flat = r.experts.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    token = order // k
-    counts = jnp.bincount(flat, length=len(wg)).astype(jnp.int32)
+    order, token, counts = _sort_by_expert(r, len(wg))
     starts = jnp.cumsum(counts) - counts
     pad = sizes_static[-1]
     xs = jnp.concatenate([x[token], jnp.zeros((pad, x.shape[1]), x.dtype)])
@@ -125,13 +136,11 @@ def experts_bucketed(x: jax.Array, r: Routing, wg: Experts, wu: Experts, wd: Exp
     for e in range(len(wg)):
         def run(out, start, rows, e=e):
             xb = jax.lax.dynamic_slice_in_dim(xs, start, rows)
-            yb = gated_activation(activation, xb @ wg[e], xb @ wu[e]) @ wd[e]
+            yb = gated_mlp(xb, wg[e], wu[e], wd[e], activation)
             return jax.lax.dynamic_update_slice_in_dim(out, yb.astype(out.dtype), start, 0)
         branches = [lambda out, start: out] + [functools.partial(run, rows=m) for m in sizes_static]
         out = jax.lax.switch((counts[e] + step - 1) // step, branches, out, starts[e])
-    # Weights stay float32 through the multiply and are cast at the accumulation (transformers v5 order).
-    y = (out[:n * k].astype(jnp.float32) * r.weights.reshape(-1)[order][:, None]).astype(x.dtype)
-    return jnp.zeros_like(x).at[token].add(y)
+    return _combine_sorted(x, out[:n * k], r, order, token)
 
 
 def experts_ragged(x: jax.Array, r: Routing, wg: jax.Array, wu: jax.Array, wd: jax.Array,
@@ -148,14 +157,8 @@ def experts_ragged(x: jax.Array, r: Routing, wg: jax.Array, wu: jax.Array, wd: j
         return impl(x, r, *(slices or (wg, wu, wd)), activation)
     if n * k <= e:
         return experts_gathered(x, r, wg, wu, wd, activation)
-    flat = r.experts.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    token = order // k
-    sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
-    y = grouped_mlp(x[token], sizes, wg, wu, wd, activation, kernel)
-    # Weights stay float32 through the multiply and are cast at the accumulation (transformers v5 order).
-    y = (y.astype(jnp.float32) * r.weights.reshape(-1)[order][:, None]).astype(x.dtype)
-    return jnp.zeros_like(x).at[token].add(y)
+    order, token, sizes = _sort_by_expert(r, e)
+    return _combine_sorted(x, grouped_mlp(x[token], sizes, wg, wu, wd, activation, kernel), r, order, token)
 
 
 EXPERT_IMPLS = {"ragged": experts_ragged, "dense": experts_dense, "gathered": experts_gathered,

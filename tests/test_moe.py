@@ -139,7 +139,7 @@ def test_gathered_decode_path_equals_dense(tokens):
 
 def test_expert_slices_alias_the_stacked_weights_and_give_the_same_values():
     """`expert_slices`: one array per expert that shares memory with the stacked parameter (no copy), used
-    by the CPU few-token path with exactly the stacked weights' values and gradients, and gone on exit."""
+    by the CPU few-token path with the stacked weights' values (and input/router gradients), gone on exit."""
     block = MoEBlock(_moe_config(), jnp.float32, nnx.Rngs(3))
     x = jax.random.normal(jax.random.key(5), (2, 3, 16))
 
