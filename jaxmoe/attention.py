@@ -55,6 +55,16 @@ def query_chunks(t: int, causal: bool) -> list[tuple[int, int]]:
     return [(a, min(a + size, t)) for a in range(0, t, size)]
 
 
+def key_span(a: int, e: int, causal: bool, window: int | None) -> tuple[int, int | None]:
+    """Key slots [lo, hi) that query chunk [a, e) multiplies (hi None: all of them). With causal keys in the
+    queries' own frame no query sees a key at or after e, and with a sliding window none sees one before
+    a - window + 1; lo is rounded down to a multiple of 64 so that the slice stays aligned."""
+    if not causal:
+        return 0, None
+    lo = 0 if window is None else max(0, a - window + 1) // 64 * 64
+    return lo, e
+
+
 def _batched_matmul(x: jax.Array, y: jax.Array, contract: tuple[int, int]) -> jax.Array:
     """x [B, kv, M, .] times y [B, kv, ., .] over the dims `contract`, batched over (B, kv)."""
     return jax.lax.dot_general(x, y, (((contract[0],), (contract[1],)), ((0, 1), (0, 1))))
@@ -63,7 +73,7 @@ def _batched_matmul(x: jax.Array, y: jax.Array, contract: tuple[int, int]) -> ja
 class Attention(nnx.Module):
     """Multi-head attention with `num_kv_heads` shared key/value heads (GQA)."""
 
-    def __init__(self, config: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, dtype: jnp.dtype, rngs: nnx.Rngs, window: int | None = None):
         h, n, kv, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         init = nnx.initializers.normal(0.02)
         self.q_proj = nnx.Param(init(rngs.params(), (h, n, d), dtype), axes=("embed", "heads", "head_dim"))
@@ -79,6 +89,7 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads = n, kv
         self.scale = config.attn_scale
         self.softcap = config.attn_logit_softcap
+        self.window = window  # sliding-window layers: keys more than window-1 slots back are masked
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
                  cache: tuple[jax.Array, jax.Array] | None = None,
@@ -116,10 +127,12 @@ class Attention(nnx.Module):
         # matmuls over (B, kv) that read the cache in place (a separate T axis made XLA:CPU's decode
         # attention 3x slower).
         q = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4)
-        # Keys in this call's own frame (no cache, or a fresh one): query chunk [a, e) sees keys < e only.
+        # Keys in this call's own frame (no cache, or a fresh one): query chunk [a, e) sees keys < e only,
+        # and on a sliding-window layer none before a - window + 1 (masked for every query of the chunk).
         causal = cache is None or fresh
-        ends = [(a, e, e if causal else None) for a, e in query_chunks(t, causal)]  # (queries, last key)
-        outs = [self._attend(q[:, :, :, a:e], k[..., :s], v[:, :, :s], mask[:, :, a:e, :s]) for a, e, s in ends]
+        spans = [(a, e, *key_span(a, e, causal, self.window)) for a, e in query_chunks(t, causal)]
+        outs = [self._attend(q[:, :, :, a:e], k[..., lo:s], v[:, :, lo:s], mask[:, :, a:e, lo:s])
+                for a, e, lo, s in spans]
         out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
         out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
         y = (out.reshape(b * t, n * d) @ self.o_proj[...].reshape(n * d, -1)).reshape(b, t, -1)

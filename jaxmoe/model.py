@@ -81,7 +81,8 @@ class DecoderLayer(nnx.Module):
     def __init__(self, config: ModelConfig, layer: int, dtype: jnp.dtype, rngs: nnx.Rngs, moe_impl: str):
         norm = lambda: RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_offset, dtype)  # noqa: E731
         self.attn_norm = norm()
-        self.attn = Attention(config, dtype, rngs)
+        self.sliding = config.layer_types[layer] == "sliding"
+        self.attn = Attention(config, dtype, rngs, window=config.sliding_window if self.sliding else None)
         self.mlp_norm = norm()
         if config.sandwich_norms:
             self.attn_out_norm = norm()
@@ -91,7 +92,6 @@ class DecoderLayer(nnx.Module):
             self.mlp = MoEBlock(config, dtype, rngs, impl=moe_impl)
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size, config.activation, dtype, rngs)
-        self.sliding = config.layer_types[layer] == "sliding"
 
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, fresh=False):
         """Returns (x, router logits or None, updated layer cache, normalised MLP input)."""

@@ -236,10 +236,15 @@ def test_bad_inputs_raise_clear_errors(tiny_hf):
 def test_chunked_causal_attention_matches_transformers(tiny_hf, name):
     """A 256-token forward runs attention in two causal query chunks (the second sees only keys before its
     end); the logits equal transformers', and the prefill over a fresh cache gives the same logits."""
-    from jaxmoe.attention import query_chunks
+    from jaxmoe.attention import key_span, query_chunks
     from jaxmoe.model import KVCache
 
     assert query_chunks(256, True) == [(0, 128), (128, 256)] and query_chunks(256, False) == [(0, 256)]
+    # The second chunk of a sliding layer skips the keys that the window masks for all its queries: keys
+    # before 128 - 8 + 1 = 121, rounded down to 64.
+    assert WINDOW == 8 and key_span(128, 256, True, WINDOW) == (64, 256) and key_span(0, 128, True, WINDOW) == (0, 128)
+    assert key_span(1024, 2048, True, 300) == (704, 2048) and key_span(1024, 2048, True, None) == (0, 2048)
+    assert key_span(0, 256, False, WINDOW) == (0, None)
     model = _model(tiny_hf, name)
     _, hf = tiny_hf(name)
     ids = np.asarray(_prompts(3, (256, 256)), np.int32)
@@ -249,3 +254,17 @@ def test_chunked_causal_attention_matches_transformers(tiny_hf, name):
     assert np.abs(ref).max() > 1.0 and np.abs(ours - ref).max() <= 1e-4
     cached = model.forward(jnp.asarray(ids), cache=KVCache.empty(model.config, 2, 256, jnp.float32), fresh_cache=True)
     assert np.abs(np.asarray(cached.logits) - ours).max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["gemma2", "mistral_sw"])
+def test_long_padded_prefill_skips_window_keys_and_matches_transformers(tiny_hf, name):
+    """512 left-padded tokens: four query chunks, the sliding layers' later chunks multiply only keys from
+    64 * floor((a - 7) / 64) on; the real positions' logits equal transformers' (with its attention mask)."""
+    model = _model(tiny_hf, name)
+    _, hf = tiny_hf(name)
+    ids, mask = left_pad(_prompts(4, (512, 300)))
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long()).logits.float().numpy()
+    ours = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    real = mask.astype(bool)
+    assert np.abs(ref[real]).max() > 1.0 and np.abs(ours[real] - ref[real]).max() <= 1e-4
