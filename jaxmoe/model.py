@@ -81,8 +81,8 @@ class DecoderLayer(nnx.Module):
     def __init__(self, config: ModelConfig, layer: int, dtype: jnp.dtype, rngs: nnx.Rngs, moe_impl: str):
         norm = lambda: RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_offset, dtype)  # noqa: E731
         self.attn_norm = norm()
-        self.sliding = config.layer_types[layer] == "sliding"
-        self.attn = Attention(config, dtype, rngs, window=config.sliding_window if self.sliding else None)
+        sliding = config.layer_types[layer] == "sliding"
+        self.attn = Attention(config, dtype, rngs, window=config.sliding_window if sliding else None)
         self.mlp_norm = norm()
         if config.sandwich_norms:
             self.attn_out_norm = norm()
