@@ -15,7 +15,7 @@ import ctypes
 import gc
 import json
 import logging
-import tempfile
+import shutil
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
@@ -25,9 +25,10 @@ from typing import Any, Callable
 import numpy as np
 from tqdm.auto import tqdm
 
+from converters.atomic import terminate_as_interrupt
 from converters.errors import CheckpointError
-from converters.gates import Gates, PromptEncoder, compute_gates, tokenize_prompts
-from converters.recipe import MoERecipe, OutputPlan, RecipeError, load_recipe, validate_sources
+from converters.gates import Gates, PromptEncoder, compute_gates, random_router, tokenize_prompts
+from converters.recipe import RANDOM_GATE_MODES, MoERecipe, OutputPlan, RecipeError, load_recipe, validate_sources
 from jaxmoe.config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -110,19 +111,28 @@ class BuildResult:
     config: ModelConfig
     gates: Gates
     routing: np.ndarray  # [groups, E]: share of prompt tokens whose top-1 expert is e, per expert's prompts
+    # (NaN rows for experts without prompts: random gates need none)
 
 
-def routing_preview(encoder: PromptEncoder, tokenizer, gates: Gates, prompt_groups: list[list[str]]) -> np.ndarray:
+def routing_preview(encoder: PromptEncoder | None, tokenizer, gates: Gates, prompt_groups: list[list[str]]
+                    ) -> np.ndarray:
     """Share of tokens (over layers and real tokens) whose top-1 expert is e, for each group of prompts,
-    computed from the base model's router inputs (exact while the experts are identical)."""
+    computed from the base model's router inputs (exact while the experts are identical). A group without
+    prompts (random gates need none) gets a row of NaN; with no prompts at all `encoder` may be None."""
     tokenized = [tokenize_prompts(tokenizer, prompts) for prompts in prompt_groups]
-    top = encoder.top1([s for group in tokenized for s in group], gates.router)  # one pass: one compile
-    rows, start = [], 0
-    for group in tokenized:
+    rows = np.full((len(tokenized), gates.router.shape[1]), np.nan)
+    flat = [s for group in tokenized for s in group]
+    if not flat:
+        return rows
+    top = encoder.top1(flat, gates.router)  # one pass: one compile
+    start = 0
+    for i, group in enumerate(tokenized):
         n = sum(len(s) for s in group)
-        rows.append(np.bincount(top[:, start:start + n].reshape(-1), minlength=gates.router.shape[1]) / top[:, start:start + n].size)
+        if n:
+            share = top[:, start:start + n]
+            rows[i] = np.bincount(share.reshape(-1), minlength=rows.shape[1]) / share.size
         start += n
-    return np.stack(rows)
+    return rows
 
 
 def _release_memory() -> None:
@@ -136,14 +146,43 @@ def _release_memory() -> None:
 
 
 def routing_table(names: list[str], routing: np.ndarray) -> str:
-    """Markdown table: prompts of expert (row) -> share routed to expert (column)."""
+    """Markdown table: prompts of expert (row) -> share routed to expert (column); "n/a" in the row of an
+    expert without prompts, and one line instead of a table when no expert has any."""
+    if not np.isfinite(routing).any():
+        return "(no expert has prompts: nothing to preview)\n"
     head = "| prompts of | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n"
-    return head + "".join(f"| {n} | " + " | ".join(f"{x:.0%}" for x in row) + " |\n" for n, row in zip(names, routing))
+    return head + "".join(f"| {n} | " + " | ".join("n/a" if np.isnan(x) else f"{x:.0%}" for x in row) + " |\n"
+                          for n, row in zip(names, routing))
 
 
 def expert_names(recipe: MoERecipe) -> list[str]:
     """Display names: the recipe's `name` or expert index."""
     return [e.name or f"expert {i}" for i, e in enumerate(recipe.experts)]
+
+
+class _TokenizerWhenIdle:
+    """The base tokenizer as the export thread's `tokenizer_src`: saved straight into the output's temporary
+    directory (nothing in the system temp directory), once the gates are set. Until then the main thread
+    encodes prompts with it, and transformers' fast tokenizers must not be used from two threads at once.
+    Only the files `write_tokenizer` copies from a directory are kept, as they would be from one."""
+
+    def __init__(self, tokenizer: Any, gates: "_Later") -> None:
+        self.tokenizer, self.gates = tokenizer, gates
+
+    def save_pretrained(self, out: str | Path) -> None:
+        """Write the tokenizer files into `out` (staged in a subdirectory of `out`, removed after)."""
+        from converters.hf_export import TOKENIZER_FILES
+
+        self.gates.get()  # raises _Cancelled if the build failed meanwhile
+        stage = Path(out) / ".tokenizer-staging"
+        try:
+            stage.mkdir(exist_ok=True)
+            self.tokenizer.save_pretrained(str(stage))
+            for name in TOKENIZER_FILES:
+                if (stage / name).is_file():
+                    shutil.copyfile(stage / name, Path(out) / name)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
 
 
 class _Cancelled(Exception):
@@ -231,34 +270,47 @@ def build_moe(recipe: str | Path | MoERecipe, out_dir: str | Path, *, dtype: str
     later_gates, later_card, cancelled = _Later(), _Later(), threading.Event()
     get = _tensor_getter(recipe, config, base_config, later_gates.get, seed)
     raw = _raw_getter(recipe, base_config, out_dtype, cancelled)
-    with tempfile.TemporaryDirectory() as tok_dir:
-        tokenizer.save_pretrained(tok_dir)
+    prompt_groups = [e.positive_prompts for e in recipe.experts]
+    # Random gates come from the seed alone: the base model runs only for a routing preview of prompts.
+    random_mode = recipe.gate_mode in RANDOM_GATE_MODES
+    need_base = not random_mode or any(prompt_groups)
+    # SIGTERM / SIGHUP raise in this thread from here on, so the except below stops the export thread
+    # and its temporary directory goes, as for Ctrl-C.
+    with terminate_as_interrupt():
         export = _Export(out_dir=out_dir, config=config, get=get, layout=layout, dtype=out_dtype,
-                         tokenizer_src=tok_dir, model_card=later_card.get, raw=raw,
-                         extra_files={"mergekit_moe_config.yml": recipe.raw_text}, overwrite=overwrite,
+                         tokenizer_src=_TokenizerWhenIdle(tokenizer, later_gates), model_card=later_card.get,
+                         raw=raw, extra_files={"mergekit_moe_config.yml": recipe.raw_text}, overwrite=overwrite,
                          max_shard_bytes=max_shard_bytes, progress=progress)
-        export.start()
         try:
-            base = converters.load(recipe.base_model, dtype="float32")
-            export.check()
+            export.start()  # inside the try: a signal arriving just now still cancels and joins it
+            encoder = None
+            if need_base:
+                base = converters.load(recipe.base_model, dtype="float32")
+                export.check()
+                encoder = PromptEncoder(base, bucket=1)  # one batch of exactly the prompts' shape: one compile
+                del base
             shared = recipe.shared_experts[0] if recipe.shared_experts else None
-            bar = (lambda xs: tqdm(xs, desc="gates", unit="expert")) if progress else (lambda xs: xs)
-            encoder = PromptEncoder(base, bucket=1)  # one batch of exactly the prompts' shape: one compile
-            gates = compute_gates(recipe.gate_mode, recipe.experts, shared, encoder, tokenizer, seed, gate_input,
-                                  bar)
+            if random_mode:
+                gates = random_router(recipe.gate_mode, base_config.num_layers, base_config.hidden_size,
+                                      len(recipe.experts), shared is not None, seed)
+            else:
+                bar = (lambda xs: tqdm(xs, desc="gates", unit="expert")) if progress else (lambda xs: xs)
+                gates = compute_gates(recipe.gate_mode, recipe.experts, shared, encoder, tokenizer, seed,
+                                      gate_input, bar)
             if on_gates:
                 on_gates(gates)
-            routing = routing_preview(encoder, tokenizer, gates, [e.positive_prompts for e in recipe.experts])
-            del base, encoder
+            routing = routing_preview(encoder, tokenizer, gates, prompt_groups)
+            del encoder
             later_gates.set(gates)  # the export's arithmetic part starts now, after the base model is gone
-            later_card.set(model_card(config, recipe_text=recipe.raw_text,
-                                      routing_table=routing_table(expert_names(recipe), routing)))
+            table = routing_table(expert_names(recipe), routing) if np.isfinite(routing).any() else None
+            later_card.set(model_card(config, recipe_text=recipe.raw_text, routing_table=table))
             export.result()
         except BaseException:
             cancelled.set()
             later_gates.fail()
             later_card.fail()
-            export.join()  # it removes its temporary directory before we re-raise
+            if export.ident is not None:  # started: it removes its temporary directory before we re-raise
+                export.join()
             raise
     return BuildResult(out_dir, config, gates, routing)
 

@@ -227,24 +227,46 @@ def gate_condition_numbers(router: np.ndarray) -> np.ndarray:
     return s[:, 0] / np.maximum(s[:, -1], 1e-30)
 
 
+def _gates(g: np.ndarray, n_experts: int, has_shared: bool) -> Gates:
+    """Split [L, N, H] gate vectors into routers and the shared expert's gate; warn about degenerate layers."""
+    router = np.ascontiguousarray(g[:, :n_experts])
+    cond = gate_condition_numbers(router)
+    bad = np.nonzero(cond > DEGENERATE_COND)[0]
+    if n_experts > 1 and len(bad):
+        log.warning("degenerate routing parameters in %d of %d layers (condition number up to %.3g > %.0f): "
+                    "your prompts may be too similar", len(bad), g.shape[0], float(cond.max()), DEGENERATE_COND)
+    return Gates(router, np.ascontiguousarray(g[:, n_experts]) if has_shared else None, cond)
+
+
+def random_router(mode: str, num_layers: int, hidden_size: int, num_experts: int, has_shared: bool,
+                  seed: int = 0) -> Gates:
+    """Gates of gate_mode random / uniform_random from the seed alone: no model, no prompts (mergekit draws
+    them for the shared expert too). The same seed gives the same gates as `compute_gates` in that mode."""
+    if mode not in ("random", "uniform_random"):
+        raise ValueError(f"gate_mode '{mode}' is not random or uniform_random")
+    shape = (num_layers, num_experts + int(has_shared), hidden_size)
+    g = random_gates(shape, np.random.default_rng(seed), uniform=mode == "uniform_random")
+    return _gates(g, num_experts, has_shared)
+
+
 def compute_gates(mode: str, experts: Sequence[Any], shared: Any | None, model: Transformer | PromptEncoder,
                   tokenizer: Any,
                   seed: int = 0, gate_input: str = "residual",
                   progress: Callable[[Sequence[Any]], Any] = lambda xs: xs) -> Gates:
     """Router vectors for `experts` (objects with positive_prompts / negative_prompts) in `mode`, plus the
     shared expert's gate vector when there is a shared expert."""
+    c = model.config  # a Transformer's or a PromptEncoder's
+    L, H = c.num_layers, c.hidden_size
+    if mode in ("random", "uniform_random"):  # the seed alone: prompts, if any, are not used
+        return random_router(mode, L, H, len(experts), shared is not None, seed)
     enc = model if isinstance(model, PromptEncoder) else None
     model = nnx.merge(enc.graphdef, enc.state) if enc else model
-    c = model.config
-    L, H = c.num_layers, c.hidden_size
     everyone = list(experts) + ([shared] if shared is not None else [])
     rng = np.random.default_rng(seed)
     embed = None
     if mode in ("cheap_embed", "embed_algebra"):
         embed = np.asarray(model.embed[...], np.float32)
-    if mode in ("random", "uniform_random"):
-        g = random_gates((L, len(everyone), H), rng, uniform=mode == "uniform_random")
-    elif mode == "embed_algebra":
+    if mode == "embed_algebra":
         g = embed_algebra_gates(embed, tokenizer, [(e.positive_prompts, e.negative_prompts) for e in everyone], L, rng)
     else:
         if mode != "cheap_embed":
@@ -260,10 +282,4 @@ def compute_gates(mode: str, experts: Sequence[Any], shared: Any | None, model: 
                 reduce = "mean" if mode == "hidden_avg" else "last"
                 vecs.append(hidden_gate(enc, tokenizer, e.positive_prompts, e.negative_prompts, reduce, gate_input))
         g = np.stack(vecs, axis=1)
-    router = np.ascontiguousarray(g[:, : len(experts)])
-    cond = gate_condition_numbers(router)
-    bad = np.nonzero(cond > DEGENERATE_COND)[0]
-    if len(experts) > 1 and len(bad):
-        log.warning("degenerate routing parameters in %d of %d layers (condition number up to %.3g > %.0f): "
-                    "your prompts may be too similar", len(bad), L, float(cond.max()), DEGENERATE_COND)
-    return Gates(router, np.ascontiguousarray(g[:, len(experts)]) if shared is not None else None, cond)
+    return _gates(g, len(experts), shared is not None)

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from converters.errors import CheckpointError
+from converters.errors import CheckpointError, OutputError
 from converters.safetensors_io import (INDEX_NAME, SINGLE_NAME, TensorBytes, _AbortOnError, _as_le_contiguous,
                                        _check_name, _Entry, _header, dtype_code)
 
@@ -40,6 +40,10 @@ def _writeback_starter() -> Any:
     fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     fn.restype = ctypes.c_int
     return lambda fd, offset, nbytes: fn(fd, offset, nbytes, 2)  # 2: SYNC_FILE_RANGE_WRITE; errors ignored
+
+
+# errnos of copy_file_range that are about the destination (the output), not the source being read
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -95,13 +99,22 @@ class PlannedWriter(_AbortOnError):
         self._buffer = threading.local()
         self._closed = False
         starts = []
+        self._paths: dict[int, Path] = {}  # shard fd -> its file, to name it in an OutputError
         try:
             for fname, entries in zip(self.names, shards):
-                fd = os.open(self.out_dir / fname, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+                path = self.out_dir / fname
+                try:
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+                except OSError as e:
+                    raise OutputError.from_os(path, e) from e
                 self._fds.append(fd)
+                self._paths[fd] = path
                 header = _header(entries, metadata)
-                _pwrite_all(fd, memoryview(header), 0)
-                os.ftruncate(fd, len(header) + (entries[-1][4] if entries else 0))
+                self._pwrite(fd, memoryview(header), 0)
+                try:
+                    os.ftruncate(fd, len(header) + (entries[-1][4] if entries else 0))
+                except OSError as e:
+                    raise OutputError.from_os(path, e) from e
                 starts.append(len(header))
         except BaseException:
             self.abort()
@@ -128,7 +141,7 @@ class PlannedWriter(_AbortOnError):
             raise ValueError(f"tensor '{name}': got {arr.dtype} {list(np.shape(array))}, planned {dt} "
                              f"{list(shape)}")
         fd, offset, dt, shape = self._take(name)
-        _pwrite_all(fd, memoryview(arr.reshape(-1).view(np.uint8)), offset)
+        self._pwrite(fd, memoryview(arr.reshape(-1).view(np.uint8)), offset)
         self._written(fd, offset, arr.nbytes)
 
     def copy(self, name: str, pieces: Sequence[TensorBytes]) -> None:
@@ -151,6 +164,14 @@ class PlannedWriter(_AbortOnError):
             else:
                 offset = self._copy_cast(src, piece, fd, offset, dt)
         self._written(fd, start, offset - start)
+
+    def _pwrite(self, fd: int, data: memoryview, offset: int) -> None:
+        """pwrite all of `data` into shard `fd`; an OSError (disk full, ...) is an OutputError naming the shard
+        (`atomic_output_dir` names OUT instead when the shard lies in its temporary directory)."""
+        try:
+            _pwrite_all(fd, data, offset)
+        except OSError as e:
+            raise OutputError.from_os(self._paths.get(fd, self.out_dir), e) from e
 
     def _written(self, fd: int, offset: int, nbytes: int) -> None:
         if self._writeback is not None and nbytes >= _WRITEBACK_BYTES:
@@ -185,6 +206,8 @@ class PlannedWriter(_AbortOnError):
                 try:
                     k = os.copy_file_range(src, dst, n, src_off, dst_off)
                 except OSError as e:
+                    if e.errno in _WRITE_ERRNOS:
+                        raise OutputError.from_os(self._paths.get(dst, self.out_dir), e) from e
                     if e.errno not in _PLAIN_COPY_ERRORS:
                         raise
                     self._in_kernel = False  # not across these file systems: read and write from now on
@@ -195,7 +218,7 @@ class PlannedWriter(_AbortOnError):
                 k = min(n, _BUFFER_BYTES)
                 view = memoryview(self._buf())[:k]
                 self._pread(src, view, src_off, path)
-                _pwrite_all(dst, view, dst_off)
+                self._pwrite(dst, view, dst_off)
             n, src_off, dst_off = n - k, src_off + k, dst_off + k
 
     def _copy_cast(self, src: int, piece: TensorBytes, dst: int, dst_off: int, dt: np.dtype) -> int:
@@ -207,7 +230,7 @@ class PlannedWriter(_AbortOnError):
             raw = self._buf()[: k * sdt.itemsize]
             self._pread(src, memoryview(raw), piece.offset + done * sdt.itemsize, piece.path)
             out = raw.view(sdt).astype(dt)
-            _pwrite_all(dst, memoryview(out.view(np.uint8)), dst_off)
+            self._pwrite(dst, memoryview(out.view(np.uint8)), dst_off)
             dst_off += out.nbytes
             done += k
         return dst_off
@@ -215,7 +238,10 @@ class PlannedWriter(_AbortOnError):
     def sync(self) -> None:
         """fsync the shard files (their data so far)."""
         for fd in list(self._fds):
-            os.fsync(fd)
+            try:
+                os.fsync(fd)
+            except OSError as e:  # a delayed write error (disk full on NFS, EIO) surfaces here
+                raise OutputError.from_os(self._paths.get(fd, self.out_dir), e) from e
 
     def close(self) -> list[str]:
         """Check that every planned tensor was written, write the index; returns the shard file names."""
@@ -235,7 +261,7 @@ class PlannedWriter(_AbortOnError):
     def _close_fds(self) -> None:
         for fd in [*self._fds, *self._sources.values()]:
             os.close(fd)
-        self._fds, self._sources = [], {}
+        self._fds, self._sources, self._paths = [], {}, {}
 
     def abort(self) -> None:
         """Close and delete the shard files; the writer cannot be used afterwards."""

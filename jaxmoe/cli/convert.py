@@ -74,7 +74,12 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(out)
         model = converters.load(src, dtype=args.dtype)
         tok = src.suffix == ".gguf" or any((src / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
-        save_orbax_model(model, out, tokenizer=str(src.absolute()) if tok else None)
+        try:
+            save_orbax_model(model, out, tokenizer=str(src.absolute()) if tok else None)
+        except OSError as e:  # the model is loaded: what fails now is writing OUT (one line, exit 2)
+            from converters.errors import OutputError
+
+            raise OutputError.from_os(out, e) from e
         print(f"wrote {out} (orbax checkpoint of {src}, {model.config.dtype})")
         return 0
     if src.is_dir() and not (src / "config.json").is_file() and is_orbax_checkpoint(src):
