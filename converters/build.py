@@ -11,7 +11,6 @@ checked against the arithmetic path by tests/test_build.py.
 """
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import logging
@@ -23,13 +22,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from converters.atomic import terminate_as_interrupt
 from converters.errors import CheckpointError
 from converters.gates import Gates, PromptEncoder, compute_gates, random_router, tokenize_prompts
-from converters.recipe import RANDOM_GATE_MODES, MoERecipe, OutputPlan, RecipeError, load_recipe, validate_sources
+from converters.recipe import (RANDOM_GATE_MODES, RECIPE_FILE, MoERecipe, OutputPlan, RecipeError, expert_names,
+                               load_recipe, validate_sources)
 from jaxmoe.config import ConfigError, ModelConfig
+from jaxmoe.memory import release_memory
 
 log = logging.getLogger(__name__)
 MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
@@ -135,16 +135,6 @@ def routing_preview(encoder: PromptEncoder | None, tokenizer, gates: Gates, prom
     return rows
 
 
-def _release_memory() -> None:
-    """Collect the base model (nnx modules hold reference cycles) and give the freed heap back to the OS
-    (glibc keeps it otherwise), so the arithmetic part of the export starts lean."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc
-        pass
-
-
 def routing_table(names: list[str], routing: np.ndarray) -> str:
     """Markdown table: prompts of expert (row) -> share routed to expert (column); "n/a" in the row of an
     expert without prompts, and one line instead of a table when no expert has any."""
@@ -155,9 +145,6 @@ def routing_table(names: list[str], routing: np.ndarray) -> str:
                           for n, row in zip(names, routing))
 
 
-def expert_names(recipe: MoERecipe) -> list[str]:
-    """Display names: the recipe's `name` or expert index."""
-    return [e.name or f"expert {i}" for i, e in enumerate(recipe.experts)]
 
 
 class _TokenizerWhenIdle:
@@ -279,7 +266,7 @@ def build_moe(recipe: str | Path | MoERecipe, out_dir: str | Path, *, dtype: str
     with terminate_as_interrupt():
         export = _Export(out_dir=out_dir, config=config, get=get, layout=layout, dtype=out_dtype,
                          tokenizer_src=_TokenizerWhenIdle(tokenizer, later_gates), model_card=later_card.get,
-                         raw=raw, extra_files={"mergekit_moe_config.yml": recipe.raw_text}, overwrite=overwrite,
+                         raw=raw, extra_files={RECIPE_FILE: recipe.raw_text}, overwrite=overwrite,
                          max_shard_bytes=max_shard_bytes, progress=progress)
         try:
             export.start()  # inside the try: a signal arriving just now still cancels and joins it
@@ -294,9 +281,10 @@ def build_moe(recipe: str | Path | MoERecipe, out_dir: str | Path, *, dtype: str
                 gates = random_router(recipe.gate_mode, base_config.num_layers, base_config.hidden_size,
                                       len(recipe.experts), shared is not None, seed)
             else:
-                bar = (lambda xs: tqdm(xs, desc="gates", unit="expert")) if progress else (lambda xs: xs)
+                # No bar over the experts: the per-expert arithmetic takes milliseconds after the prompts' one
+                # forward pass, and a second bar beside the writer's garbled terminals.
                 gates = compute_gates(recipe.gate_mode, recipe.experts, shared, encoder, tokenizer, seed,
-                                      gate_input, bar)
+                                      gate_input, lambda xs: xs)
             if on_gates:
                 on_gates(gates)
             routing = routing_preview(encoder, tokenizer, gates, prompt_groups)
@@ -417,7 +405,7 @@ def _tensor_getter(recipe: MoERecipe, config: ModelConfig, base_config: ModelCon
         if rest == ["shared_expert_gate"]:
             return g.shared[layer][:, None].copy()
         if not released:  # the first tensor that needs arithmetic: free the base model's memory first
-            _release_memory()
+            release_memory()
             released.append(True)
         if mlp:
             if rest[0] == "shared_expert":

@@ -22,12 +22,12 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import ml_dtypes
 import numpy as np
-from tqdm.auto import tqdm
 
 from converters.atomic import atomic_output_dir
 from converters.errors import CheckpointError
 from converters.hf_names import LAYOUTS, Rule, hf_rules, hf_shape, load_rule, save_rule
 from converters.planned_writer import PlannedWriter
+from converters.progress import progress as progress_counter
 from converters.safetensors_io import TensorBytes
 from jaxmoe.config import DTYPES, ModelConfig
 from jaxmoe.config_export import config_to_hf
@@ -209,7 +209,7 @@ def write_hf(out_dir: str | Path, config: ModelConfig, get: Getter, *, layout: s
     cached = _CachedGetter(get, param_shapes(config))
     plan = [(rule.hf, np_dtype, shape) for rule, shape in zip(rules, rule_shapes(config, rules))]
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        bar = tqdm(total=len(rules), desc=f"writing {out_dir.name}", unit="tensor", disable=not progress)
+        bar = progress_counter(len(rules), f"writing {out_dir.name}", "tensor", enabled=progress)
         with PlannedWriter(tmp, plan, max_shard_bytes=max_shard_bytes) as writer:
             rest = []
             for rule, (_, _, shape) in zip(rules, plan):

@@ -291,3 +291,25 @@ class _Parser:
             raise self.err(path, f"must be a finite number{bound}, got {value!r}")
         return number
 
+
+
+RECIPE_FILE = "mergekit_moe_config.yml"  # the recipe a built model carries (mergekit-moe writes the same name)
+
+
+def expert_names(recipe: MoERecipe) -> list[str]:
+    """Display names of the experts: each one's `name:` in the recipe, else ``expert i``."""
+    return [e.name or f"expert {i}" for i, e in enumerate(recipe.experts)]
+
+
+def model_expert_names(model_dir: str | os.PathLike[str], num_experts: int) -> list[str]:
+    """Display names of a built model's experts, from the recipe it carries; ``expert i`` when it carries none
+    (or one that does not match its expert count)."""
+    path = Path(model_dir) / RECIPE_FILE
+    default = [f"expert {i}" for i in range(num_experts)]
+    if not path.is_file():
+        return default
+    try:
+        names = expert_names(parse_recipe(path.read_text(encoding="utf-8"), path))
+    except (OSError, UnicodeDecodeError, RecipeError):
+        return default
+    return names if len(names) == num_experts else default

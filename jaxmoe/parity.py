@@ -6,10 +6,14 @@ from pathlib import Path
 import numpy as np
 
 
-def transformers_logits(path: str | Path, ids: np.ndarray) -> np.ndarray:
-    """Float32 eager-attention, eager-experts logits of an HF directory or .gguf file, as numpy."""
+def transformers_logits(path: str | Path, ids: np.ndarray, progress: bool = True) -> np.ndarray:
+    """Float32 eager-attention, eager-experts logits of an HF directory or .gguf file, as numpy.
+    progress: transformers' own weight-loading bar (off for logs, where its carriage returns garble lines)."""
     import torch
     import transformers
+
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()
 
     path = Path(path)
     kw = dict(dtype=torch.float32, attn_implementation="eager")

@@ -17,29 +17,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
 
 
-def report(model, tokenizer, prompts: list[str]) -> tuple[str, "object"]:
-    """Text report and the [moe_layers, E] load matrix."""
+def report(model, tokenizer, prompts: list[str], names: list[str] | None = None,
+           layers: list[int] | None = None) -> tuple[str, "object"]:
+    """Text report and the [moe_layers, E] load matrix (see `format_report`)."""
     from converters.gates import tokenize_prompts
     from jaxmoe.routing import expert_load, route_prompts
 
-    c = model.config
     routings = route_prompts(model, tokenize_prompts(tokenizer, prompts))
+    load = expert_load(routings, model.config.num_experts)
+    return format_report(prompts, routings, load, model.config.num_experts_per_tok, names, layers), load
+
+
+def format_report(prompts: list[str], routings: list, load, top_k: int, names: list[str] | None = None,
+                  layers: list[int] | None = None) -> str:
+    """Per prompt, the `top_k` experts of each layer with their mean weight; then the expert load per layer.
+
+    names: one display name per expert (default ``expert i``); layers: the MoE layers to list (default all).
+    """
+    num_experts = load.shape[1]
+    names = names or [f"expert {e}" for e in range(num_experts)]
+    shown = range(load.shape[0]) if layers is None else layers
     lines = []
     for prompt, r in zip(prompts, routings):
-        lines.append(f"prompt: {prompt!r} ({r.experts.shape[1]} tokens)")
-        mw = r.mean_weight(c.num_experts)
-        for l, row in enumerate(mw):
-            top = row.argsort()[::-1][: c.num_experts_per_tok]
-            lines.append(f"  layer {l:2d}: " + ", ".join(f"expert {e} {row[e]:.2f}" for e in top))
-    load = expert_load(routings, c.num_experts)
+        mw = r.mean_weight(num_experts)
+        overall = mw.mean(0)
+        lines.append(f"prompt: {prompt!r} ({r.experts.shape[1]} tokens; most weight over all layers: "
+                     f"{names[int(overall.argmax())]} {overall.max():.2f})")
+        for l in shown:
+            top = mw[l].argsort()[::-1][:top_k]
+            lines.append(f"  layer {l:2d}: " + ", ".join(f"{names[e]} {mw[l][e]:.2f}" for e in top))
+    widths = [max(4, len(n)) for n in names]
     lines.append("expert load per layer (share of top-k slots over all prompt tokens):")
-    lines.append("  layer | " + " | ".join(f"e{e}" for e in range(c.num_experts)))
-    lines += [f"  {l:5d} | " + " | ".join(f"{x:.2f}" for x in row) for l, row in enumerate(load)]
-    return "\n".join(lines), load
+    lines.append("  layer | " + " | ".join(n.rjust(w) for n, w in zip(names, widths)))
+    lines += [f"  {l:5d} | " + " | ".join(f"{load[l][e]:.2f}".rjust(w) for e, w in enumerate(widths)) for l in shown]
+    return "\n".join(lines)
 
 
-def heatmap(load, path: Path) -> None:
-    """Layers x experts load heatmap PNG."""
+def heatmap(load, path: Path, names: list[str] | None = None) -> None:
+    """Layers x experts load heatmap PNG, columns labelled with the expert names."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,6 +63,8 @@ def heatmap(load, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(1.2 + 0.6 * load.shape[1], 1.0 + 0.25 * load.shape[0]))
     im = ax.imshow(load, aspect="auto", cmap="viridis", vmin=0, vmax=max(1e-9, load.max()))
     ax.set_xlabel("expert")
+    if names:
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_ylabel("MoE layer")
     ax.set_title("expert load")
     fig.colorbar(im, ax=ax)
@@ -60,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     """Print the report; write PNG + text with --out."""
     import converters
     from converters.build import load_tokenizer
+    from converters.recipe import model_expert_names
     from jaxmoe.cli import CliError
 
     prompts = list(args.prompt)
@@ -69,15 +87,13 @@ def run(args: argparse.Namespace) -> int:
     model = converters.load(args.model, dtype=args.dtype)
     if not model.config.is_moe:
         raise CliError(f"{args.model}: model_type {model.config.model_type} has no experts to inspect")
-    text, load = report(model, load_tokenizer(args.model), prompts)
+    names = model_expert_names(args.model, model.config.num_experts)
+    text, load = report(model, load_tokenizer(args.model), prompts, names)
     print(text)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "routing.txt").write_text(text + "\n")
-        try:
-            heatmap(load, out / "routing.png")
-            print(f"wrote {out / 'routing.txt'} and {out / 'routing.png'}")
-        except ImportError:
-            print(f"wrote {out / 'routing.txt'} (install matplotlib for the heatmap)")
+        heatmap(load, out / "routing.png", names)
+        print(f"wrote {out / 'routing.txt'} and {out / 'routing.png'}")
     return 0
