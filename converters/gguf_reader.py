@@ -267,12 +267,10 @@ class GGUFCheckpoint:
     # ---- tokenizer -----------------------------------------------------------------------------------
 
     def tokenizer(self) -> Any:
-        """A transformers tokenizer rebuilt from the GGUF metadata (no network needed)."""
-        if self.metadata("tokenizer.ggml.model") is None:
-            raise CheckpointError(f"{self.path}: no tokenizer in the metadata (tokenizer.ggml.model is missing)")
-        from transformers import AutoTokenizer
+        """A `transformers.PreTrainedTokenizerFast` rebuilt from the GGUF metadata (no network, no torch)."""
+        from converters.gguf_tokenizer import tokenizer_from_metadata
 
-        return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+        return tokenizer_from_metadata(self.path, self.metadata, self.architecture)
 
     def __repr__(self) -> str:
         return f"GGUFCheckpoint({str(self.path)!r}, {self.family.model_type}, {len(self._entries)} tensors)"

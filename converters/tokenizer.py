@@ -29,31 +29,26 @@ def _orbax_tokenizer_source(path: Path) -> Path | None:
 
 
 def load_tokenizer(path: str | Path) -> Any:
-    """A transformers tokenizer for an HF model directory, a `.gguf` file, or a jaxmoe orbax checkpoint
-    (the tokenizer source recorded when it was written); CheckpointError if none."""
-    from transformers import AutoTokenizer
-
+    """A transformers tokenizer for an HF model directory, a `.gguf` file (rebuilt from its metadata, see
+    `converters.gguf_tokenizer`; torch is not needed), or a jaxmoe orbax checkpoint (the tokenizer source
+    recorded when it was written); CheckpointError if none."""
     path = Path(path)
     source = _orbax_tokenizer_source(path)
     if source is not None:
         return load_tokenizer(source)
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise CheckpointError(f"{path}: no such file")
+        from converters.gguf_tokenizer import load_gguf_tokenizer
+
         try:
-            from converters.gguf_reader import GGUFCheckpoint
-        except ImportError:  # the GGUF reader is optional; transformers can rebuild the tokenizer itself
-            GGUFCheckpoint = None
-        try:
-            if GGUFCheckpoint is not None:
-                return GGUFCheckpoint(path).tokenizer()
-            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+            return load_gguf_tokenizer(path)
         except CheckpointError:
             raise
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, TypeError) as e:  # e.g. merges `tokenizers` refuses
             raise CheckpointError(f"{path}: cannot build its tokenizer ({_first_line(e)})") from None
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such directory (expected an HF model directory or a .gguf file)")
+    from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as e:
