@@ -117,9 +117,14 @@ def _generation_config(config: ModelConfig, extra: Mapping[str, Any] | None) -> 
 
 
 def _fix_tokenizer_config(out: Path) -> None:
-    """Right padding, and a pad token (the EOS token) when the tokenizer has none."""
+    """Right padding, a pad token (the EOS token) when the tokenizer has none, and a tokenizer class every
+    supported transformers knows."""
     path = out / "tokenizer_config.json"
     cfg = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if cfg.get("tokenizer_class") == "TokenizersBackend":
+        # transformers 5 names its generic fast tokenizer so; 4.x knows it only as PreTrainedTokenizerFast,
+        # which 5.x still reads as the same class.
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
     special_path = out / "special_tokens_map.json"
     special = json.loads(special_path.read_text(encoding="utf-8")) if special_path.is_file() else {}
     if cfg.get("pad_token") is None and special.get("pad_token") is None:

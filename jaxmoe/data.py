@@ -14,6 +14,7 @@ sees the same batches in the same order.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -243,6 +244,32 @@ def eval_sequences(paths: Sequence[str | Path], tokenizer: Any, seq_len: int, te
     """`iter_sequences` as arrays (ids, mask) [N, seq_len]."""
     seqs = list(iter_sequences(paths, tokenizer, seq_len, text_field, pad_id, max_sequences, field))
     return np.stack([s[0] for s in seqs]), np.stack([s[1] for s in seqs])
+
+
+def fit_batches(sequences: Iterable[tuple[np.ndarray, np.ndarray]], batch_size: int,
+                bucket: int = 64) -> tuple[tuple[int, int], Iterator[tuple[np.ndarray, np.ndarray]]]:
+    """`batches` with the shape fitted to the data: ((rows, width), the batches).
+
+    Packed sequences are all full except the data's last one, so only data shorter than one batch leaves
+    room to save: then rows = the number of sequences and width = the longest one's real length rounded up
+    to a multiple of `bucket` (a handful of shapes, so compiles are reused), at most the sequences' length.
+    A short text then costs one small forward pass instead of `batch_size` x `seq_len` mostly padding (78
+    tokens were scored as 8 x 2048). Longer data keeps (batch_size, seq_len). Sequences are right-padded,
+    so cutting masked columns off the end changes no score. Empty input gives ((0, 0), no batches).
+    """
+    if batch_size < 1 or bucket < 1:
+        raise ValueError(f"batch_size and bucket must be positive, got {batch_size} and {bucket}")
+    it = iter(sequences)
+    head = list(itertools.islice(it, batch_size + 1))  # one more than a batch: is this all the data?
+    if not head:
+        return (0, 0), iter(())
+    seq_len = len(head[0][0])
+    if len(head) > batch_size:
+        return (batch_size, seq_len), batches(itertools.chain(head, it), batch_size)
+    longest = max(int(np.flatnonzero(mask).max()) + 1 if mask.any() else 1 for _, mask in head)
+    width = min(seq_len, -(-longest // bucket) * bucket)
+    cut = [(ids[:width], mask[:width]) for ids, mask in head]
+    return (len(cut), width), batches(cut, len(cut))
 
 
 def batches(sequences: Iterable[tuple[np.ndarray, np.ndarray]],

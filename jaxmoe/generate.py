@@ -12,10 +12,10 @@ token and yields the first new token, so prefill and decode share the decode exe
 from __future__ import annotations
 
 import collections
-import ctypes
-import functools
 import dataclasses
+import sys
 import time
+import types
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from jaxmoe import sharding
+from jaxmoe.memory import release_memory
 from jaxmoe.model import KVCache
 from jaxmoe.moe import expert_slices
 from jaxmoe.sampling import SamplingConfig, sample, sampling_config
@@ -47,8 +48,9 @@ class GenerationStats:
     decode_steps: int  # steps run after the first token
     prefill_s: float
     decode_s: float
-    compile_s: float
+    compile_s: float  # getting the executables: tracing + lowering + XLA compile (or persistent-cache load)
     compiles: int
+    trace_s: float = 0.0  # the tracing + lowering part of compile_s (the persistent cache cannot save it)
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -130,39 +132,25 @@ def _signature(x: Any) -> tuple:
     return tuple((a.shape, str(a.dtype), getattr(a, "sharding", None)) for a in jax.tree.leaves(x))
 
 
-def _executable(kind: str, fn: Callable, static: dict, args: tuple, donate: tuple[int, ...] = ()):
-    """The compiled `fn` for these static values and argument shapes, compiled on first use (LRU cached)."""
+def _executable(kind: str, fn: Callable, static: dict, args: tuple,
+                donate: tuple[int, ...] = ()) -> tuple[Any, float, float]:
+    """(the compiled `fn` for these static values and argument shapes, seconds tracing + lowering, seconds
+    compiling), compiled on first use (LRU cached; 0.0 s when cached). The compile step reads the persistent
+    compilation cache when one is on (`jaxmoe.cache`); tracing runs whatever the cache holds."""
     key = (kind, tuple(sorted(static.items())), _signature(args[2:]), args[0], args[1])
     exe = _EXECUTABLES.get(key)
     if exe is not None:
         _EXECUTABLES.move_to_end(key)
-        return exe, 0.0
+        return exe, 0.0, 0.0
     t0 = time.perf_counter()
     jitted = jax.jit(fn, static_argnums=(0, 1), static_argnames=tuple(static), donate_argnums=donate)
-    exe = jitted.lower(*args, **static).compile()
+    lowered = jitted.lower(*args, **static)
+    t1 = time.perf_counter()
+    exe = lowered.compile()
     _EXECUTABLES[key] = exe
     if len(_EXECUTABLES) > _MAX_EXECUTABLES:
         _EXECUTABLES.popitem(last=False)
-    return exe, time.perf_counter() - t0
-
-
-@functools.cache
-def _glibc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-def _return_freed_memory() -> None:
-    """Give heap memory that earlier calls freed back to the OS (glibc `malloc_trim`; a no-op elsewhere).
-    glibc keeps freed heap pages of the cache-sized buffers, so peak RSS grew with every call (four SmolLM2
-    B8 P512 calls: 1301 -> 1563 MiB; trimmed first: 1273 MiB each)."""
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
+    return exe, t1 - t0, time.perf_counter() - t1
 
 
 # ---- input checks -----------------------------------------------------------------------------------
@@ -234,7 +222,7 @@ def generate_full(model, input_ids, max_new_tokens: int, temperature: float = 0.
         stats = GenerationStats(b, int(mask.sum()), 0, 0.0, 0.0, 0.0, 0)
         return GenerationResult(ids, None, stats)
 
-    _return_freed_memory()
+    release_memory(collect=False)  # glibc keeps freed cache-sized buffers: peak RSS grew with every call
     # Left-pad the prompt to its bucket and size the cache; pads are masked keys with dummy token 0.
     p = _round_up(max(t, 2), bucket)
     ids_p = np.zeros((b, p), np.int32)
@@ -255,7 +243,7 @@ def generate_full(model, input_ids, max_new_tokens: int, temperature: float = 0.
     small = (lambda x: sharding.replicate(jnp.asarray(x), mesh)) if mesh is not None else jnp.asarray
     prefill_args = (graphdef, treedef, leaves, batched(ids_p[:, :-1]), batched(positions[:, :-1]),
                     batched(mask_p[:, :-1]))
-    prefill, c1 = _executable("prefill", _prefill, {"length": length, "mesh": mesh}, prefill_args)
+    prefill, tr1, c1 = _executable("prefill", _prefill, {"length": length, "mesh": mesh}, prefill_args)
     cache_aval = jax.eval_shape(lambda: KVCache.empty(config, b, length, jnp.dtype(config.dtype)))
     if mesh is not None:
         cache_aval = sharding.shard_cache(cache_aval, mesh)
@@ -265,9 +253,9 @@ def generate_full(model, input_ids, max_new_tokens: int, temperature: float = 0.
     key = small(key)
     step0 = small(np.int32(0))
     decode_args = (graphdef, treedef, leaves, cache_aval, token, position, done, key, step0, *scalars)
-    decode, c2 = _executable("decode", _decode, {"sampling": scfg, "return_logits": return_logits, "mesh": mesh},
+    decode, tr2, c2 = _executable("decode", _decode, {"sampling": scfg, "return_logits": return_logits, "mesh": mesh},
                              decode_args, donate=(3,))
-    compiles = int(c1 > 0) + int(c2 > 0)
+    compiles = int(tr1 + c1 > 0) + int(tr2 + c2 > 0)
 
     new = np.full((b, max_new_tokens), pad_token_id, np.int32)
     step_logits = []
@@ -295,7 +283,8 @@ def generate_full(model, input_ids, max_new_tokens: int, temperature: float = 0.
             break  # the rest stays pad
         pending = nxt
     t_end = time.perf_counter()
-    stats = GenerationStats(b, int(mask.sum()), steps - 1, t_first - t0, t_end - t_first, c1 + c2, compiles)
+    stats = GenerationStats(b, int(mask.sum()), steps - 1, t_first - t0, t_end - t_first, tr1 + c1 + tr2 + c2,
+                            compiles, tr1 + tr2)
     logits_out = np.stack(step_logits) if return_logits else None
     return GenerationResult(np.concatenate([ids, new], axis=1), logits_out, stats)
 
@@ -316,3 +305,16 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
     """
     return generate_full(model, input_ids, max_new_tokens, temperature, top_k, top_p, key, eos_token_id,
                          pad_token_id, attention_mask, stream, bucket).sequences
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as `generate`. `import jaxmoe.generate` binds the package attribute
+    `jaxmoe.generate` to this module object (Python does that for every submodule), which would hide the
+    public function `jaxmoe.generate(model, ids, ...)` of the same name; a callable module keeps that call
+    working in every import order."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

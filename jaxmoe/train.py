@@ -25,7 +25,7 @@ from jaxmoe import losses
 from jaxmoe.checkpoint import (CheckpointMismatch, Checkpointer, config_difference, config_from_json,
                                config_to_json, flat_params, state_from_flat)
 from jaxmoe.config import ModelConfig
-from jaxmoe.data import DataState, PackedStream, batches, eval_sequences
+from jaxmoe.data import DataState, PackedStream, batches, eval_sequences, fit_batches
 from jaxmoe.model import Transformer
 from jaxmoe.train_config import TRAINABLE, TrainConfig, TrainConfigError, load_config, parse_config  # noqa: F401
 
@@ -161,18 +161,21 @@ def make_eval_step(graphdef, dtypes: dict):
 
 
 def evaluate_model(model: Transformer, sequences: Iterable[tuple[np.ndarray, np.ndarray]],
-                   batch_size: int = 8) -> dict[str, Any]:
+                   batch_size: int = 8, bucket: int = 64) -> dict[str, Any]:
     """Held-out numbers of a model on packed (ids, mask) sequences (e.g. `jaxmoe.data.iter_sequences`):
-    loss (mean token NLL), perplexity = exp(loss), tokens (predictions counted), sequences, and the
-    per-layer expert load [L, E] (top-k slot fractions)."""
+    loss (mean token NLL), perplexity = exp(loss), tokens (predictions counted), sequences, the per-layer
+    expert load [L, E] (top-k slot fractions) and batch_shape [rows, width] of every forward pass: data
+    shorter than one batch is scored at its own size (`jaxmoe.data.fit_batches`, widths a multiple of
+    `bucket`), not padded to batch_size x seq_len."""
     graphdef, state = nnx.split(model)
     fn = jax.jit(make_eval_step(graphdef, {}))
-    return _evaluate(fn, {}, flat_params(state), sequences, batch_size)
+    shape, fitted = fit_batches(sequences, batch_size, bucket)
+    return {**_evaluate(fn, {}, flat_params(state), fitted), "batch_shape": list(shape)}
 
 
-def _evaluate(fn, trainable, frozen, sequences, batch_size) -> dict[str, Any]:
+def _evaluate(fn, trainable, frozen, batch_iter: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
     nll, count, slots, n_seq = 0.0, 0.0, None, 0
-    for b_ids, b_mask in batches(sequences, batch_size):
+    for b_ids, b_mask in batch_iter:
         n_seq += int(b_mask.any(axis=1).sum())  # filler rows of the last batch are all padding
         n, c, s = fn(trainable, frozen, jnp.asarray(b_ids), jnp.asarray(b_mask))
         nll, count = nll + float(n), count + float(c)
@@ -285,7 +288,7 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         """Held-out loss, perplexity and per-layer expert load with the current parameters."""
         ids, mask = self.eval_set()
-        return _evaluate(self.eval_fn, self.state.trainable, self.state.frozen, zip(ids, mask), self.micro)
+        return _evaluate(self.eval_fn, self.state.trainable, self.state.frozen, batches(zip(ids, mask), self.micro))
 
     def _pad_id(self) -> int:
         pad = getattr(self.tokenizer, "pad_token_id", None)

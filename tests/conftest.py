@@ -6,6 +6,9 @@ import os
 # 8 CPU devices for the sharding tests; must be set before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The CLI turns on a persistent XLA compilation cache under the user's cache directory; tests must neither fill
+# a developer's cache nor be sped up by one a warm machine left. Tests of the cache set their own directory.
+os.environ["JAXMOE_COMPILE_CACHE"] = "0"
 
 import pytest  # noqa: E402
 

@@ -70,9 +70,50 @@ def test_eval_perplexity_matches_transformers(tiny_hf, tmp_path, text_files, cap
     assert got["perplexity"] == pytest.approx(want, rel=1e-4)
     assert got["sequences"] == math.ceil(sum(len(t.split()) + 1 for t in docs) / SEQ_LEN)
     assert len(got["expert_load"]) == {"mixtral": 3, "gemma2": 0, "qwen2_moe": 2}[name]  # MoE layers
+    assert got["batch_shape"] == [3, SEQ_LEN]  # more data than one batch: full batches of full chunks
     # plain text with paragraphs as documents gives the very same numbers
     txt = _jaxmoe_eval(capsys, model_dir, "--data", data_dir / "eval.txt", "--seq-len", SEQ_LEN, "--batch-size", 3)
     assert txt["perplexity"] == pytest.approx(got["perplexity"], rel=1e-6)
+
+
+def test_eval_short_text_is_scored_at_its_own_size(tiny_hf, tmp_path, capsys):
+    """A text far shorter than the default chunk (min(2048, max_position_embeddings) = 256 here) and batch (8)
+    runs as one 1 x 64 forward pass, not 8 x 256 of padding, with transformers' perplexity."""
+    model_dir, tokenizer, torch_model = _with_tokenizer(tiny_hf, "mixtral", tmp_path)
+    docs = _docs(1, 2)
+    data = tmp_path / "short.txt"
+    data.write_text("\n\n".join(docs) + "\n")
+    want, count = _hf_perplexity(torch_model, tokenizer, docs, 256)
+    assert count + 1 <= 64  # the premise: the whole text fits one 64-token bucket
+    got = _jaxmoe_eval(capsys, model_dir, "--data", data)
+    assert got["seq_len"] == 256 and got["sequences"] == 1 and got["tokens"] == count
+    assert got["batch_shape"] == [1, 64]
+    assert got["perplexity"] == pytest.approx(want, rel=1e-4)
+
+
+def test_fit_batches_shapes():
+    """Data shorter than one batch: rows = sequences, width = longest rounded up to the bucket (at most
+    seq_len), only masked columns cut; longer data keeps (batch_size, seq_len), the last batch filled."""
+    from jaxmoe.data import fit_batches, pack
+
+    def run(doc_lengths, seq_len, batch_size, bucket=8):
+        docs = [list(range(1, n + 1)) for n in doc_lengths]
+        seqs = list(pack(iter(docs), seq_len))
+        shape, it = fit_batches(iter(seqs), batch_size, bucket)
+        out = list(it)
+        assert all(ids.shape == mask.shape == shape for ids, mask in out)
+        # every real token is kept, in order, and nothing else is unmasked
+        assert sum(int(m.sum()) for _, m in out) == sum(doc_lengths)
+        assert [t for ids, m in out for t in ids[m.astype(bool)].tolist()] == [t for d in docs for t in d]
+        return shape, len(out)
+
+    assert run([5], 100, 8) == ((1, 8), 1)
+    assert run([9], 100, 8) == ((1, 16), 1)
+    assert run([30, 40], 32, 8) == ((3, 32), 1)  # 70 tokens: 2 full chunks + 6 -> width stays 32
+    assert run([20], 20, 8) == ((1, 20), 1)  # a bucket past seq_len is capped at seq_len
+    assert run([70], 10, 4) == ((4, 10), 2)  # 7 chunks > one batch: fixed shape, last batch filled
+    assert run([40], 10, 4) == ((4, 10), 1)  # exactly one batch
+    assert fit_batches(iter([]), 4)[0] == (0, 0)
 
 
 def test_eval_bad_input(tiny_hf, tmp_path, text_files, capsys):

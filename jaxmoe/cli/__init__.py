@@ -4,6 +4,7 @@ converters."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import sys
@@ -18,10 +19,18 @@ COMMANDS = {
     "eval": ("jaxmoe.cli.eval", "held-out loss and perplexity of a model on text files"),
     "parity": ("jaxmoe.cli.parity", "compare a model's logits with transformers on the same input"),
 }
+# Commands that jit-compile a model: they run with the persistent XLA compilation cache on (jaxmoe.cache),
+# so a second run of the same model loads its executables instead of compiling them again.
+COMPILING = frozenset({"demo", "build", "generate", "inspect", "train", "eval", "parity"})
 
 
 class CliError(Exception):
     """A user error the CLI prints as one line and exits 2 on."""
+
+
+_NO_CACHE_HELP = ("do not read or write the persistent compilation cache ($JAXMOE_COMPILE_CACHE=0 does the same; "
+                  "=DIR moves it; default $JAX_COMPILATION_CACHE_DIR if set, else $JAXMOE_CACHE/xla or "
+                  "~/.cache/jaxmoe/xla)")
 
 
 def _available() -> dict[str, tuple[str, str]]:
@@ -35,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run `jaxmoe COMMAND --help` for the options of one command.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--no-compile-cache", action="store_true", help=_NO_CACHE_HELP)
     dist = parser.add_argument_group("multi-host (every process runs the same command; process 0 prints)")
     dist.add_argument("--distributed", action="store_true",
                       help="join a multi-process job configured by the environment (TPU pod slices)")
@@ -45,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_text) in _available().items():
         p = sub.add_parser(name, help=help_text, description=help_text.capitalize() + ".")
         importlib.import_module(module).add_arguments(p)
+        if name in COMPILING:
+            # Also accepted after the command; SUPPRESS keeps the subparser from resetting a global
+            # `jaxmoe --no-compile-cache CMD` back to False.
+            p.add_argument("--no-compile-cache", action="store_true", default=argparse.SUPPRESS,
+                           help=_NO_CACHE_HELP)
         p.set_defaults(_module=module)
     return parser
 
@@ -66,13 +81,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.distributed or args.coordinator or args.num_processes or args.process_id is not None:
             _join_job(args)
-        return int(importlib.import_module(args._module).run(args) or 0)
+        with _compile_cache(args):
+            return int(importlib.import_module(args._module).run(args) or 0)
     except expected as e:
         print(f"jaxmoe {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"jaxmoe {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP while writing (converters.errors.Terminated)
+        print(f"jaxmoe {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        return 128 + getattr(e, "signum", 2)
+
+
+def _compile_cache(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """The persistent compilation cache around a command that compiles (jax is imported only then); for the
+    others a no-op, so they never import jax for it."""
+    if args.command not in COMPILING:
+        return contextlib.nullcontext()
+    from jaxmoe.cache import compile_cache
+
+    return compile_cache(enabled=not args.no_compile_cache)
 
 
 def _join_job(args: argparse.Namespace) -> None:
