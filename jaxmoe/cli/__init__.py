@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import importlib
 import logging
+import os
 import sys
 
 COMMANDS = {
@@ -73,9 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    # We use transformers for tokenizers (and, when torch is there, references): its advice that PyTorch is
+    # missing from a base install is noise in our output.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from converters.errors import CheckpointError
     from jaxmoe.config import ConfigError
-
 
     expected = (CliError, CheckpointError, ConfigError, FileNotFoundError, ValueError)
     try:
@@ -103,8 +106,6 @@ def _compile_cache(args: argparse.Namespace) -> contextlib.AbstractContextManage
 
 def _join_job(args: argparse.Namespace) -> None:
     """jax.distributed.initialize from the flags (or the TPU environment); silence stdout off process 0."""
-    import os
-
     import jax
 
     from jaxmoe.sharding import initialize_distributed
