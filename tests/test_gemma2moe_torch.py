@@ -1,8 +1,14 @@
 """Gemma-2 MoE export: our PyTorch modeling code (trust_remote_code) reproduces jaxmoe's logits, computes the
-Switch load-balancing loss, generates, and the exported weights re-import bit for bit."""
+Switch load-balancing loss, generates with and without the KV cache exactly as jaxmoe does, without a warning, and
+the exported weights re-import bit for bit. Runs on whichever transformers is installed: the main CI job has the
+newest, .ci/oldest-transformers the oldest we support."""
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import warnings
+from collections.abc import Iterator
 
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +21,7 @@ from converters.gemma2moe_hf.configuration_gemma2moe import Gemma2MoeConfig
 from converters.hf import state_arrays
 from converters.hf_export import save_hf
 from converters.safetensors_io import CheckpointReader
+from jaxmoe.generate import generate_full
 from tests.ckpt_edit import G2M_NAMES, dense_to_moe, rewrite
 from tests.tiny_models import WINDOW
 
@@ -109,20 +116,70 @@ def test_aux_loss_gradient_reaches_the_router(g2m):
     hf.zero_grad()
 
 
-def test_generate_uses_the_cache_correctly(g2m):
-    _, model, _, hf = g2m
-    prompt = torch.as_tensor(_ids(4, (2, 6)) % 125 + 3)  # no pad (0) token: generate would mask it
-    new = 2 * WINDOW + 2  # decoding runs past the sliding window
-    with torch.no_grad():
-        got = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, do_sample=False,
-                          min_new_tokens=new, pad_token_id=0)
-    assert got.shape == (2, 6 + new)
-    # Greedy decoding with the cache == argmax of jaxmoe's full-sequence logits (up to near-ties).
-    logits = np.asarray(model(jnp.asarray(got.numpy())))[:, 5:-1]
-    chosen = got.numpy()[:, 6:]
-    best = logits.max(-1)
-    picked = np.take_along_axis(logits, chosen[..., None], -1)[..., 0]
-    assert np.all(best - picked <= 1e-4)
+@contextlib.contextmanager
+def _recorded_warnings() -> Iterator[list[str]]:
+    """Every Python warning and every transformers log record at WARNING or above raised inside, as text.
+
+    transformers reports through its own logger, which does not propagate to the root logger (so pytest's caplog
+    misses it), and `logger.warning_once` remembers what it already said in this process: both are undone here so
+    a message some earlier test triggered is still seen.
+    """
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Collect(logging.WARNING)
+    tf_logger = logging.getLogger("transformers")
+    level = tf_logger.level
+    tf_logger.addHandler(handler)
+    tf_logger.setLevel(logging.WARNING)  # TRANSFORMERS_VERBOSITY=error must not hide a warning from this test
+    tf.utils.logging.warning_once.cache_clear()
+    found: list[str] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield found
+    finally:
+        tf_logger.removeHandler(handler)
+        tf_logger.setLevel(level)
+    found += [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught]
+    found += [f"transformers log {r.levelname}: {r.getMessage()}" for r in records]
+
+
+def test_greedy_cached_equals_uncached_equals_jaxmoe(g2m):
+    """Remote code on the installed transformers: load, then greedy-decode past the sliding window twice (with the
+    KV cache, and recomputing the whole prefix each step); both == jaxmoe's greedy decode token for token, every
+    step's logits within 1e-4 of each other and of jaxmoe's, and not one warning on the way."""
+    _, model, out, _ = g2m
+    prompt = _ids(4, (2, 6)) % 125 + 3  # no pad (0) / EOS (1) / BOS (2) token in the prompt
+    new = 2 * WINDOW + 2  # decoding runs past the sliding window, so the cache's window eviction is exercised
+    kw = dict(attention_mask=torch.ones(prompt.shape, dtype=torch.long), max_new_tokens=new, min_new_tokens=new,
+              do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    with _recorded_warnings() as warned:
+        hf = tf.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32,
+                                                     attn_implementation="eager").eval()
+        with torch.no_grad():
+            cached = hf.generate(torch.as_tensor(prompt), use_cache=True, **kw)
+            uncached = hf.generate(torch.as_tensor(prompt), use_cache=False, **kw)
+    ours = generate_full(model, prompt, new, temperature=0.0, eos_token_id=(), return_logits=True)
+    want = np.asarray(ours.sequences)
+    want_logits = np.asarray(ours.logits, np.float32)  # [steps, B, V]
+    assert want.shape == (2, 6 + new) and want_logits.shape == (new, 2, model.config.vocab_size)
+    # The test only means something if greedy is decided: every step's best token must lead the runner-up by more
+    # than twice the logit tolerance, so logits within 1e-4 must pick the same token.
+    top2 = np.sort(want_logits, axis=-1)[..., -2:]
+    assert (top2[..., 1] - top2[..., 0]).min() > 2e-4
+    for name, got in (("cached", cached), ("uncached", uncached)):
+        logits = torch.stack(got.logits).numpy()  # raw logits of every step, [steps, B, V]
+        np.testing.assert_array_equal(got.sequences.numpy(), want, err_msg=name)
+        # min_new_tokens masks EOS only in the processed scores: the raw argmax shows it never had to.
+        np.testing.assert_array_equal(logits.argmax(-1).T, want[:, 6:], err_msg=name)
+        np.testing.assert_allclose(logits, want_logits, atol=1e-4, rtol=0, err_msg=name)
+    np.testing.assert_allclose(torch.stack(cached.logits).numpy(), torch.stack(uncached.logits).numpy(),
+                               atol=1e-4, rtol=0)
+    assert warned == [], warned
 
 
 def test_reimport_is_bit_identical(g2m):

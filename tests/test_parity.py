@@ -5,11 +5,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import transformers as tf
 
 import converters
 from tests.tiny_models import TINY, WINDOW, hf_logits, load_hf_model
 
 SEQ = 2 * WINDOW + 5  # longer than twice the sliding window
+MOE = {"mixtral", "qwen2_moe"}
+# transformers 4.x rounds the MoE routing weights to bf16 before weighting the experts; 5.x, like jaxmoe, weights in
+# float32 (reference/moe-building.md sections 4.3-4.5). Rounded differently, two bf16 runs can pick different experts
+# where two are near-tied, and that token's logits then move by a whole routing flip. On 4.x at most one token in 20
+# of a bf16 MoE run may do so; on 5.x none.
+BF16_ROUTING_FLIPS = 0.0 if int(tf.__version__.split(".")[0]) >= 5 else 0.05
 
 
 def _ids(seed: int = 1) -> np.ndarray:
@@ -34,7 +41,7 @@ def test_bfloat16_as_close_as_transformers_own_rounding(tiny_hf, name):
     """bf16 keeps 8 mantissa bits, so each rounding moves a value by up to 2^-8 relative and the
     differences compound through the layers. The fair bound is transformers' own bf16 error: ours,
     measured against the float32 reference, must be no worse than 2x theirs (plus a tiny floor), and
-    the two bf16 runs must agree within 4% of the logit range."""
+    the two bf16 runs must agree within 4% of the logit range on every token (see BF16_ROUTING_FLIPS for 4.x)."""
     path, hf32 = tiny_hf(name)
     ids = _ids(2)
     ref32 = hf_logits(hf32, ids)
@@ -43,7 +50,8 @@ def test_bfloat16_as_close_as_transformers_own_rounding(tiny_hf, name):
     hf_err = np.abs(ref16 - ref32).max()
     our_err = np.abs(ours16 - ref32).max()
     assert our_err <= 2 * hf_err + 1e-3, (our_err, hf_err)
-    assert np.abs(ours16 - ref16).max() <= 0.04 * np.abs(ref32).max()
+    far = np.abs(ours16 - ref16).max(-1) > 0.04 * np.abs(ref32).max()  # tokens [B, T] where the runs disagree
+    assert far.mean() <= (BF16_ROUTING_FLIPS if name in MOE else 0.0), np.argwhere(far)
 
 
 def test_gemma2_alternates_sliding_layers(tiny_hf):

@@ -184,7 +184,9 @@ def test_trained_router_exports_to_transformers(router_run, tmp_path):
     assert main(["convert", str(d / "run"), str(out), "--to", "hf", "--no-progress"]) == 0  # the newest step
     assert tf.AutoTokenizer.from_pretrained(out)("the a")["input_ids"] == [VOCAB.index("the"), VOCAB.index("a")]
     hf = tf.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").float().eval()
-    gate = hf.model.layers[0].mlp.gate.weight.detach().numpy()
+    layer = hf.model.layers[0]
+    moe = layer.mlp if hasattr(layer, "mlp") else layer.block_sparse_moe  # Mixtral's block: `mlp` from transformers 5 on
+    gate = moe.gate.weight.detach().numpy()
     np.testing.assert_array_equal(gate, np.asarray(trained.layers[0].mlp.router.get_value()).T)
     with torch.no_grad():
         ids = torch.as_tensor(np.concatenate([A, B])[None], dtype=torch.long)

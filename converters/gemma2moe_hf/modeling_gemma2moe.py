@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
@@ -36,7 +37,30 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 
 from .configuration_gemma2moe import Gemma2MoeConfig
 
-_MASK_PARAMS = set(inspect.signature(create_causal_mask).parameters)
+# ---- transformers versions: every difference this file cares about is decided here, once -----------------------
+# transformers 5.24 renamed the KV cache argument and output field `past_key_values` -> `cache` everywhere: generate
+# hands the model `cache=`, and the mask builders, Gemma 2's attention and every ModelOutput take `cache`. The old
+# name still works there but warns, and a call that gets both uses `cache` and drops `past_key_values`: a model that
+# made its own `past_key_values` while generate's cache sat in `**kwargs` decoded against generate's cache with masks
+# built for an empty one. Older releases know only `past_key_values`; 4.x also spells the mask builders' embeddings
+# `input_embeds` and threads `cache_position` through them and the cache update, where newer ones derive it from
+# the cache. The public signature of `create_causal_mask` tells which API is installed (a feature test, so
+# development builds between releases are read right too).
+_MASK_PARAMS = frozenset(inspect.signature(create_causal_mask).parameters)
+CACHE_ARG = "cache" if "cache" in _MASK_PARAMS else "past_key_values"  # the KV cache's name in calls and outputs
+EMBEDS_ARG = "inputs_embeds" if "inputs_embeds" in _MASK_PARAMS else "input_embeds"
+NEEDS_CACHE_POSITION = "cache_position" in _MASK_PARAMS
+# Tied weights: 5.x maps each tied tensor to its source; 4.x lists the tied tensors.
+TIED_WEIGHTS_KEYS: dict[str, str] | list[str] = (
+    {"lm_head.weight": "model.embed_tokens.weight"}
+    if int(transformers.__version__.split(".")[0]) >= 5 else ["lm_head.weight"])
+
+
+def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The call's KV cache under either name (`cache` since transformers 5.24, `past_key_values` before)."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("two different KV caches given: pass either `cache` or `past_key_values`")
+    return cache if cache is not None else past_key_values
 
 
 class Gemma2MoeExpert(nn.Module):
@@ -99,14 +123,19 @@ class Gemma2MoeDecoderLayer(GradientCheckpointingLayer):
         self.post_feedforward_layernorm = Gemma2RMSNorm(config.hidden_size, eps=eps)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor | None = None, past_key_values: Cache | None = None,
+                attention_mask: torch.Tensor | None = None,
                 **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Returns (hidden states, router logits [B*T, E], attention weights or None)."""
+        """Returns (hidden states, router logits [B*T, E], attention weights or None).
+
+        `kwargs` (the KV cache under `CACHE_ARG`, position ids, ...) go to Gemma 2's attention unchanged: the layer
+        never names the cache itself, so it passes whichever spelling this transformers expects, and transformers'
+        gradient-checkpointing wrapper finds and drops the cache under that same name.
+        """
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states, attn_weights = self.self_attn(
             hidden_states=hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
-            past_key_values=past_key_values, **kwargs)
+            **kwargs)
         hidden_states = residual + self.post_attention_layernorm(hidden_states)
         residual = hidden_states
         hidden_states, router_logits = self.block_sparse_moe(self.pre_feedforward_layernorm(hidden_states))
@@ -155,14 +184,14 @@ class Gemma2MoeModel(Gemma2MoePreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.embed_tokens = value
 
-    def _masks(self, inputs_embeds: torch.Tensor, attention_mask: Any, past_key_values: Cache | None,
+    def _masks(self, inputs_embeds: torch.Tensor, attention_mask: Any, cache: Cache | None,
                position_ids: torch.Tensor, cache_position: torch.Tensor) -> dict[str, Any]:
+        """The attention mask of each layer type, keyed as `config.layer_types`."""
         if isinstance(attention_mask, dict):  # already built, e.g. by generate
             return attention_mask
-        kw: dict[str, Any] = {"config": self.config, "attention_mask": attention_mask,
-                              "past_key_values": past_key_values, "position_ids": position_ids}
-        kw["inputs_embeds" if "inputs_embeds" in _MASK_PARAMS else "input_embeds"] = inputs_embeds
-        if "cache_position" in _MASK_PARAMS:  # transformers 4.x
+        kw: dict[str, Any] = {"config": self.config, EMBEDS_ARG: inputs_embeds, "attention_mask": attention_mask,
+                              CACHE_ARG: cache, "position_ids": position_ids}
+        if NEEDS_CACHE_POSITION:
             kw["cache_position"] = cache_position
         return {"full_attention": create_causal_mask(**kw),
                 "sliding_attention": create_sliding_window_causal_mask(**kw)}
@@ -171,9 +200,13 @@ class Gemma2MoeModel(Gemma2MoePreTrainedModel):
                 position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
                 inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
                 output_attentions: bool | None = None, output_hidden_states: bool | None = None,
-                output_router_logits: bool | None = None, cache_position: torch.LongTensor | None = None,
+                output_router_logits: bool | None = None, cache: Cache | None = None,
                 **kwargs: Any) -> MoeModelOutputWithPast:
-        """Hidden states after the final norm, plus the cache and, when asked, per-layer outputs."""
+        """Hidden states after the final norm, plus the cache and, when asked, per-layer outputs.
+
+        The KV cache may come as `cache` (transformers >= 5.24) or `past_key_values` (older); the output carries it
+        under `CACHE_ARG`, the name this transformers' generate reads back.
+        """
         cfg = self.config
         output_attentions = output_attentions if output_attentions is not None else cfg.output_attentions
         output_hidden_states = (output_hidden_states if output_hidden_states is not None
@@ -182,18 +215,23 @@ class Gemma2MoeModel(Gemma2MoePreTrainedModel):
                                 else cfg.output_router_logits)
         use_cache = use_cache if use_cache is not None else cfg.use_cache
         kwargs.pop("return_dict", None)
+        cache = _one_cache(cache, past_key_values)
+        # 4.x's generate passes `cache_position`; it goes on only where this transformers takes it.
+        cache_position = kwargs.pop("cache_position", None)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=cfg)
-        if cache_position is None:
-            past = past_key_values.get_seq_length() if past_key_values is not None else 0
-            cache_position = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)
-        if position_ids is None:
-            position_ids = cache_position.unsqueeze(0)
-        masks = self._masks(inputs_embeds, attention_mask, past_key_values, position_ids, cache_position)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=cfg)
+        past = cache.get_seq_length() if cache is not None else 0
+        steps = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)
+        position_ids = steps.unsqueeze(0) if position_ids is None else position_ids
+        cache_position = steps if cache_position is None else cache_position
+        masks = self._masks(inputs_embeds, attention_mask, cache, position_ids, cache_position)
+        layer_kwargs: dict[str, Any] = {CACHE_ARG: cache, "position_ids": position_ids, **kwargs}
+        if NEEDS_CACHE_POSITION:  # 4.x: a static cache writes at cache_position
+            layer_kwargs["cache_position"] = cache_position
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         all_hidden, all_attn, all_router = [], [], []
@@ -202,31 +240,23 @@ class Gemma2MoeModel(Gemma2MoePreTrainedModel):
                 all_hidden.append(hidden_states)
             hidden_states, router_logits, attn = layer(
                 hidden_states, position_embeddings=position_embeddings, attention_mask=masks[cfg.layer_types[i]],
-                past_key_values=past_key_values, position_ids=position_ids, cache_position=cache_position,
-                **kwargs)
+                **layer_kwargs)
             all_attn.append(attn)
             all_router.append(router_logits)
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden.append(hidden_states)
         return MoeModelOutputWithPast(
-            last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None,
+            last_hidden_state=hidden_states, **{CACHE_ARG: cache if use_cache else None},
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
             attentions=tuple(all_attn) if output_attentions else None,
             router_logits=tuple(all_router) if output_router_logits else None)
 
 
-def _tf_major() -> int:
-    import transformers
-
-    return int(transformers.__version__.split(".")[0])
-
-
 class Gemma2MoeForCausalLM(Gemma2MoePreTrainedModel, GenerationMixin):
     """Gemma-2 MoE with a tied LM head, the final logit soft-cap and the load-balancing aux loss."""
 
-    _tied_weights_keys = ({"lm_head.weight": "model.embed_tokens.weight"} if _tf_major() >= 5
-                          else ["lm_head.weight"])
+    _tied_weights_keys = TIED_WEIGHTS_KEYS
 
     def __init__(self, config: Gemma2MoeConfig) -> None:
         super().__init__(config)
@@ -248,14 +278,18 @@ class Gemma2MoeForCausalLM(Gemma2MoePreTrainedModel, GenerationMixin):
                 position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, output_router_logits: bool | None = None,
-                logits_to_keep: int | torch.Tensor = 0, **kwargs: Any) -> MoeCausalLMOutputWithPast:
-        """Logits [B, T, V] (soft-capped), loss when `labels` are given, aux loss when router logits are asked."""
+                logits_to_keep: int | torch.Tensor = 0, cache: Cache | None = None,
+                **kwargs: Any) -> MoeCausalLMOutputWithPast:
+        """Logits [B, T, V] (soft-capped), loss when `labels` are given, aux loss when router logits are asked.
+
+        The KV cache may come as `cache` (what generate passes on transformers >= 5.24) or `past_key_values`.
+        """
         output_router_logits = (output_router_logits if output_router_logits is not None
                                 else self.config.output_router_logits)
         return_dict = kwargs.pop("return_dict", True)
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                             output_router_logits=output_router_logits, **kwargs)
+                             cache=_one_cache(cache, past_key_values), inputs_embeds=inputs_embeds,
+                             use_cache=use_cache, output_router_logits=output_router_logits, **kwargs)
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
@@ -274,7 +308,7 @@ class Gemma2MoeForCausalLM(Gemma2MoePreTrainedModel, GenerationMixin):
             if loss is not None:
                 loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
         out = MoeCausalLMOutputWithPast(
-            loss=loss, aux_loss=aux_loss, logits=logits, past_key_values=outputs.past_key_values,
+            loss=loss, aux_loss=aux_loss, logits=logits, **{CACHE_ARG: getattr(outputs, CACHE_ARG)},
             hidden_states=outputs.hidden_states, attentions=outputs.attentions,
             router_logits=outputs.router_logits)
         return out if return_dict else out.to_tuple()
