@@ -22,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for random gates and expert noise (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
     p.add_argument("--layout", choices=("legacy", "fused"), default="legacy",
-                   help="legacy per-expert tensor names (default; transformers v4 and v5) or v5 fused tensors")
+                   help="legacy per-expert tensor names (default; transformers v4 and v5) or fused tensors (transformers "
+                        ">= 5 only: 4.x cannot read them and would start the experts from random weights)")
     p.add_argument("--gate-input", choices=("residual", "router_input"), default="residual",
                    help="hidden gates from the residual stream entering each layer (mergekit) or from the "
                         "normalised MLP input the router actually sees")

@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--to", choices=("hf", "orbax"), default="hf", help="output format (default hf)")
     p.add_argument("--layout", choices=("legacy", "fused"), default="legacy",
                    help="MoE tensor names: legacy per-expert (default, transformers v4 and v5) or fused "
-                        "(transformers v5 gate_up_proj)")
+                        "(transformers v5 gate_up_proj; 4.x cannot read them)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="output dtype (default: the input's; float32 for GGUF)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
