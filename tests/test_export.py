@@ -26,7 +26,7 @@ from jaxmoe.config_export import config_to_hf
 from tests.tiny_models import BASE, TINY, hf_logits, load_hf_model
 from tests.tiny_tokenizer import make_tokenizer
 
-FAMILIES = ["llama", "llama_tied", "mistral_sw", "gemma2", "mixtral", "qwen2_moe"]
+FAMILIES = ["llama", "llama_tied", "mistral_sw", "gemma", "gemma2", "mixtral", "qwen2_moe"]
 
 
 def _ids(seed: int = 0, shape=(2, 21)) -> np.ndarray:
@@ -78,7 +78,6 @@ def _variants() -> dict[str, ModelConfig]:
     out["llama_rope3"] = ModelConfig.from_hf(tf.LlamaConfig(**BASE, rope_parameters=dict(
         rope_type="llama3", rope_theta=5e5, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
         original_max_position_embeddings=64)).to_dict())
-    out["gemma"] = ModelConfig.from_hf(tf.GemmaConfig(**BASE, head_dim=8).to_dict())
     out["llama_eos_list"] = out["llama"].replace(eos_token_id=(2, 7), pad_token_id=0, dtype="bfloat16")
     out["qwen2_moe_step2"] = out["qwen2_moe"].replace(moe_layers=(False, True, False))
     out["qwen2_moe_sliding"] = out["qwen2_moe"].replace(layer_types=("sliding", "full", "full"), sliding_window=8)

@@ -36,7 +36,7 @@ def test_float32_logits_match_transformers(tiny_hf, name):
     assert np.abs(ours - ref).max() <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral_sw", "gemma2", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("name", ["llama", "mistral_sw", "gemma", "gemma2", "mixtral", "qwen2_moe"])
 def test_bfloat16_as_close_as_transformers_own_rounding(tiny_hf, name):
     """bf16 keeps 8 mantissa bits, so each rounding moves a value by up to 2^-8 relative and the
     differences compound through the layers. The fair bound is transformers' own bf16 error: ours,
@@ -59,3 +59,13 @@ def test_gemma2_alternates_sliding_layers(tiny_hf):
     c = converters.load(path).config
     assert c.layer_types == ("sliding", "full", "sliding")
     assert c.sliding_window == WINDOW and c.attn_scale == 12 ** -0.5 and c.head_dim == 16
+
+
+def test_gemma_reads_as_gemma_1(tiny_hf):
+    """Gemma 1: (1+w) norms, sqrt(H) embeddings, tied head, GELU-tanh, one kv head; none of Gemma 2's extras."""
+    path, _ = tiny_hf("gemma")
+    c = converters.load(path).config
+    assert (c.norm_offset, c.embed_scale, c.tie_word_embeddings, c.activation) == (True, True, True, "gelu_tanh")
+    assert (c.num_kv_heads, c.head_dim, c.attn_scale) == (1, 16, 16 ** -0.5)
+    assert not c.sandwich_norms and c.attn_logit_softcap is None and c.final_logit_softcap is None
+    assert c.layer_types == ("full",) * 3 and not c.is_moe

@@ -24,6 +24,9 @@ TINY: dict[str, tuple[type, dict]] = {
     "mistral": (tf.MistralConfig, dict(sliding_window=None, head_dim=8)),
     "mistral_sw": (tf.MistralConfig, dict(sliding_window=WINDOW, num_attention_heads=8, num_key_value_heads=2,
                                           head_dim=4)),
+    # Gemma 1: (1+w) norms, sqrt(H)-scaled embeddings, tied head, GELU-tanh MLP; multi-query attention (one kv
+    # head) and head_dim != hidden/heads, as in Gemma 7B.
+    "gemma": (tf.GemmaConfig, dict(head_dim=16, num_key_value_heads=1)),
     # Gemma 2: alternating sliding/full, query_pre_attn_scalar != head_dim, caps that bite.
     "gemma2": (tf.Gemma2Config, dict(head_dim=16, query_pre_attn_scalar=12, sliding_window=WINDOW,
                                      attn_logit_softcapping=4.0, final_logit_softcapping=6.0)),
