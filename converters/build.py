@@ -145,8 +145,6 @@ def routing_table(names: list[str], routing: np.ndarray) -> str:
                           for n, row in zip(names, routing))
 
 
-
-
 class _TokenizerWhenIdle:
     """The base tokenizer as the export thread's `tokenizer_src`: saved straight into the output's temporary
     directory (nothing in the system temp directory), once the gates are set. Until then the main thread
