@@ -25,11 +25,11 @@ from converters.smollm2 import fetch_smollm2
 from converters.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-# transformers 4's GGUF tokenizer is not the reference: it adds BOS to SmolLM2 although the file says not to
-# (add_bos_token=false, as llama.cpp reads it), calls `<|im_start|>` its EOS (the file: `<|im_end|>`), and runs
-# sentencepiece files the legacy way (a `▁` before the text after every special token). Ours behaves the same
-# under both; under 4.x only ids without added special tokens, decodes and chat templates are compared.
-TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+# The reference is transformers 5's GGUF tokenizer; this file runs in the main CI job (transformers 5.24), not in
+# .ci/oldest-transformers. transformers 4's GGUF tokenizer is wrong where it differs: it adds BOS to SmolLM2 although
+# the file says not to (add_bos_token=false, as llama.cpp reads it), calls `<|im_start|>` its EOS (the file:
+# `<|im_end|>`), and runs sentencepiece files the legacy way. Ours behaves the same under both.
+assert int(transformers.__version__.split(".")[0]) >= 5, "these tests compare with transformers 5's GGUF tokenizer"
 
 TEXTS = [
     "",
@@ -74,11 +74,11 @@ def ids_of(out) -> list[int]:
     return list(out["input_ids"] if isinstance(out, Mapping) else out)
 
 
-def assert_same_tokenizer(ours, ref, texts: list[str], chats: list[list[dict]], special: bool = True) -> None:
+def assert_same_tokenizer(ours, ref, texts: list[str], chats: list[list[dict]]) -> None:
     """Ids (with and without special tokens added), decodes, chat template output, special tokens, vocabulary
-    all equal; `special=False` (transformers 4): only ids without special tokens added, decodes, chat template."""
+    all equal."""
     for text in texts:
-        for add in (True, False) if special else (False,):
+        for add in (True, False):
             got, want = ours(text, add_special_tokens=add).input_ids, ref(text, add_special_tokens=add).input_ids
             assert got == want, (text, add)
             for skip in (False, True):
@@ -90,8 +90,6 @@ def assert_same_tokenizer(ours, ref, texts: list[str], chats: list[list[dict]], 
             assert text == ref.apply_chat_template(chat, add_generation_prompt=gen, tokenize=False)
             assert ids_of(ours.apply_chat_template(chat, add_generation_prompt=gen, tokenize=True)) == \
                 ids_of(ref.apply_chat_template(chat, add_generation_prompt=gen, tokenize=True))
-    if not special:
-        return
     for name in ("bos", "eos", "unk", "pad"):
         assert getattr(ours, f"{name}_token") == getattr(ref, f"{name}_token"), name
         assert getattr(ours, f"{name}_token_id") == getattr(ref, f"{name}_token_id"), name
@@ -117,7 +115,7 @@ def smollm2():
 def test_smollm2_equals_transformers(smollm2):
     _, ours, ref = smollm2
     assert type(ours).__module__.startswith("transformers.")
-    assert_same_tokenizer(ours, ref, TEXTS, CHATS, special=TRANSFORMERS_5)
+    assert_same_tokenizer(ours, ref, TEXTS, CHATS)
     assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id, len(ours)) == (1, 2, 2, 49152)
     # byte-level BPE loses nothing: every text decodes back to itself, special tokens included
     for text in TEXTS:
@@ -249,7 +247,6 @@ def spm_dir(tmp_path_factory) -> Path:
     return d
 
 
-@pytest.mark.skipif(not TRANSFORMERS_5, reason="transformers 4 runs GGUF sentencepiece vocabularies the legacy way")
 @pytest.mark.parametrize("arch", list(SPM_HEADS))
 def test_sentencepiece_equals_transformers(spm_dir, arch):
     ours = load_tokenizer(spm_dir / f"{arch}.gguf")
