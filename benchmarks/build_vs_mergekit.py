@@ -171,7 +171,7 @@ def make_perturbed(src: Path, dst: Path) -> Path:
 def prepare_smollm2(cache: Path) -> tuple[Path, Path]:
     """(A, B): SmolLM2-135M-Instruct as a float32 HF directory via `jaxmoe convert`, and its perturbed copy."""
     sys.path.insert(0, str(ROOT))
-    from converters.smollm2 import fetch_smollm2
+    from converters.gguf.smollm2 import fetch_smollm2
 
     a = cache / "smollm2-135m-instruct-f32"
     if not _sources_complete(a):
@@ -278,7 +278,7 @@ def check_prompts(ids: list[dict], base: Path, recipe_prompts: list[dict]) -> di
     """Every list of prompts has a single token length (no padding in mergekit), and mergekit's token ids
     equal jaxmoe's (BOS id + the prompt's ids)."""
     sys.path.insert(0, str(ROOT))
-    from converters.gates import tokenize_prompts
+    from converters.moe.gates import tokenize_prompts
     from converters.tokenizer import load_tokenizer
 
     tok = load_tokenizer(base)

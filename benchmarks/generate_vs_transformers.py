@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.models.split(","):
             if name == "smollm2":
                 sys.path.insert(0, str(ROOT))
-                from converters.smollm2 import fetch_smollm2
+                from converters.gguf.smollm2 import fetch_smollm2
 
                 paths[name] = str(fetch_smollm2())
             elif name == "mixtral":

@@ -17,7 +17,7 @@ def _orbax_tokenizer_source(path: Path) -> Path | None:
     """For a jaxmoe orbax checkpoint (no config.json), the tokenizer source recorded in its metadata."""
     if not path.is_dir() or (path / "config.json").is_file():
         return None
-    from jaxmoe.checkpoint import is_orbax_checkpoint, read_orbax_meta
+    from jaxmoe.train.checkpoint import is_orbax_checkpoint, read_orbax_meta
 
     if not is_orbax_checkpoint(path):
         return None
@@ -30,14 +30,14 @@ def _orbax_tokenizer_source(path: Path) -> Path | None:
 
 def load_tokenizer(path: str | Path) -> Any:
     """A transformers tokenizer for an HF model directory, a `.gguf` file (rebuilt from its metadata, see
-    `converters.gguf_tokenizer`; torch is not needed), or a jaxmoe orbax checkpoint (the tokenizer source
+    `converters.gguf.tokenizer`; torch is not needed), or a jaxmoe orbax checkpoint (the tokenizer source
     recorded when it was written); CheckpointError if none."""
     path = Path(path)
     source = _orbax_tokenizer_source(path)
     if source is not None:
         return load_tokenizer(source)
     if path.suffix == ".gguf":
-        from converters.gguf_tokenizer import load_gguf_tokenizer
+        from converters.gguf.tokenizer import load_gguf_tokenizer
 
         try:
             return load_gguf_tokenizer(path)

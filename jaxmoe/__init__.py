@@ -8,16 +8,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # for type checkers and IDEs only; at run time `__getattr__` below loads these
-    from jaxmoe.config import ConfigError, ModelConfig
+    from jaxmoe.nn.config import ConfigError, ModelConfig
     from jaxmoe.generate import generate
-    from jaxmoe.model import KVCache, Output, Transformer
+    from jaxmoe.nn.model import KVCache, Output, Transformer
 
 __all__ = ["ConfigError", "KVCache", "ModelConfig", "Output", "Transformer", "generate"]
 __version__ = "0.1.0"
 
 # public name -> the module that defines it
-_LAZY = {"ConfigError": "jaxmoe.config", "ModelConfig": "jaxmoe.config", "KVCache": "jaxmoe.model",
-         "Output": "jaxmoe.model", "Transformer": "jaxmoe.model", "generate": "jaxmoe.generate"}
+_LAZY = {"ConfigError": "jaxmoe.nn.config", "ModelConfig": "jaxmoe.nn.config", "KVCache": "jaxmoe.nn.model",
+         "Output": "jaxmoe.nn.model", "Transformer": "jaxmoe.nn.model", "generate": "jaxmoe.generate"}
 
 
 def __getattr__(name: str) -> Any:

@@ -1,6 +1,6 @@
 """jaxmoe's cache directory and the persistent XLA compilation cache.
 
-`cache_root()` is `$JAXMOE_CACHE`, else `~/.cache/jaxmoe` (the same rule as `converters.smollm2.cache_root`,
+`cache_root()` is `$JAXMOE_CACHE`, else `~/.cache/jaxmoe` (the same rule as `converters.gguf.smollm2.cache_root`,
 restated here because jaxmoe never imports converters). Compiled executables go to `<root>/xla`, so a second
 run of the same command on the same model loads its executables from disk instead of compiling them again
 (a 4-expert 30-layer MoE compiles for tens of seconds on CPU).

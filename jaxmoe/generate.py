@@ -23,10 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxmoe import sharding
+from jaxmoe.parallel import sharding
 from jaxmoe.memory import release_memory
-from jaxmoe.model import KVCache
-from jaxmoe.moe import expert_slices
+from jaxmoe.nn.model import KVCache
+from jaxmoe.nn.moe import expert_slices
 from jaxmoe.sampling import SamplingConfig, sample, sampling_config
 
 _COMPILES: collections.Counter = collections.Counter()

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxmoe.model import Transformer
-from jaxmoe.moe import top_k_routing
+from jaxmoe.nn.model import Transformer
+from jaxmoe.nn.moe import top_k_routing
 
 
 @dataclass

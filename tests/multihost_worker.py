@@ -35,7 +35,7 @@ def _restore_orbax(orbax_dir: str, spec: str, reference: dict) -> tuple:
     import numpy as np
     from flax import nnx
 
-    from jaxmoe.checkpoint import flat_params, load_orbax_model
+    from jaxmoe.train.checkpoint import flat_params, load_orbax_model
 
     r0, t0 = _rchar(), _ts_bytes()
     model = load_orbax_model(orbax_dir, mesh=spec)
@@ -57,15 +57,15 @@ def main(argv: list[str]) -> None:
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     import jax
 
-    from jaxmoe import sharding
+    from jaxmoe.parallel import sharding
 
     sharding.initialize_distributed(f"127.0.0.1:{port}", nproc, pid)
     import numpy as np
     from flax import nnx
 
-    from converters.hf import read_config
-    from converters.safetensors_io import CheckpointReader
-    from converters.sharded import model_from_tensors_sharded, save_hf_sharded
+    from converters.hf.reader import read_config
+    from converters.hf.safetensors_io import CheckpointReader
+    from converters.hf.sharded import model_from_tensors_sharded, save_hf_sharded
     from jaxmoe.generate import generate
 
     mesh = sharding.make_mesh(spec)

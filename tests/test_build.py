@@ -13,9 +13,9 @@ import transformers as tf
 import yaml
 
 import converters
-from converters.build import build_moe
-from converters.gates import hidden_gate
-from converters.safetensors_io import CheckpointReader
+from converters.moe.build import build_moe
+from converters.moe.gates import hidden_gate
+from converters.hf.safetensors_io import CheckpointReader
 from jaxmoe.cli import main as cli
 from tests.tiny_models import hf_logits, make_tiny
 from tests.tiny_tokenizer import make_tokenizer
@@ -140,8 +140,8 @@ def test_noise_and_residual_scale(sources, tmp_path):
 def test_interrupted_build_leaves_no_out_dir(sources, tmp_path, monkeypatch, where):
     """Interrupted while the export thread copies tensors file to file, while it computes noisy experts, or
     in the main thread (gates) while the export runs: no OUT_DIR and no temporary directory is left."""
-    import converters.build as build
-    from converters.planned_writer import PlannedWriter
+    import converters.moe.build as build
+    from converters.hf.planned_writer import PlannedWriter
 
     base = sources["mistral"][0]
     recipe = _recipe(tmp_path, base, [base, base])
@@ -178,8 +178,8 @@ def test_interrupted_build_leaves_no_out_dir(sources, tmp_path, monkeypatch, whe
 def test_copied_tensors_equal_the_arithmetic_path(sources, tmp_path, monkeypatch, fam, layout, dtype, noise):
     """Tensors copied file to file from the sources are byte for byte what the arithmetic path (read, stack,
     transpose, cast) writes: whole output directories are identical."""
-    import converters.build as build
-    from converters.planned_writer import PlannedWriter
+    import converters.moe.build as build
+    from converters.hf.planned_writer import PlannedWriter
 
     base, s1, s2 = sources[fam]
     top = {}

@@ -14,8 +14,8 @@ import tensorstore as ts
 from flax import nnx
 
 import converters
-from jaxmoe import sharding
-from jaxmoe.checkpoint import (CHUNK_BYTES, CheckpointCorrupt, Checkpointer, config_to_json, flat_params,
+from jaxmoe.parallel import sharding
+from jaxmoe.train.checkpoint import (CHUNK_BYTES, CheckpointCorrupt, Checkpointer, config_to_json, flat_params,
                                load_orbax_model, save_frozen, save_orbax_model)
 
 IDS = np.random.default_rng(0).integers(0, 128, (2, 12)).astype(np.int32)
@@ -41,7 +41,7 @@ def _forward(model, ids, mesh=None):
 @pytest.mark.parametrize("spec", ["expert=4,data=2", "fsdp=8"])
 def test_orbax_checkpoint_loads_sharded_with_single_device_logits(orbax_mixtral, spec):
     path, ref_model, ref_logits = orbax_mixtral
-    model = converters.load(path, mesh=spec)  # an orbax dir goes to jaxmoe.checkpoint_sharded
+    model = converters.load(path, mesh=spec)  # an orbax dir goes to jaxmoe.train.checkpoint_sharded
     mesh = model.mesh
     assert dict(mesh.shape) == sharding.parse_mesh_spec(spec)
     n = math.prod(sharding.axis_size(mesh, a) for a in ("expert", "fsdp", "tensor"))

@@ -70,7 +70,7 @@ def test_import_jaxmoe_is_lazy():
         import jaxmoe
         assert "jax" not in sys.modules and "flax" not in sys.modules
         assert jaxmoe.ConfigError.__name__ == "ConfigError" and "jax" not in sys.modules  # config is plain Python
-        assert jaxmoe.ModelConfig.__module__ == "jaxmoe.config"
+        assert jaxmoe.ModelConfig.__module__ == "jaxmoe.nn.config"
         assert [jaxmoe.Transformer.__name__, jaxmoe.KVCache.__name__, jaxmoe.Output.__name__] == \\
             ["Transformer", "KVCache", "Output"]
         assert "jax" in sys.modules
@@ -80,7 +80,7 @@ def test_import_jaxmoe_is_lazy():
             assert "no_such_name" in str(e)
         else:
             raise AssertionError("jaxmoe.no_such_name resolved")
-        from jaxmoe import sharding  # submodules still import as usual
+        from jaxmoe.parallel import sharding  # submodules still import as usual
         print("ok")
     """)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr

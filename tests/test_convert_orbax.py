@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import converters
-from converters.safetensors_io import CheckpointReader
-from jaxmoe.checkpoint import load_orbax_model
+from converters.hf.safetensors_io import CheckpointReader
+from jaxmoe.train.checkpoint import load_orbax_model
 from jaxmoe.cli import main as cli
 
 

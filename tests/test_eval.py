@@ -94,7 +94,7 @@ def test_eval_short_text_is_scored_at_its_own_size(tiny_hf, tmp_path, capsys):
 def test_fit_batches_shapes():
     """Data shorter than one batch: rows = sequences, width = longest rounded up to the bucket (at most
     seq_len), only masked columns cut; longer data keeps (batch_size, seq_len), the last batch filled."""
-    from jaxmoe.data import fit_batches, pack
+    from jaxmoe.train.data import fit_batches, pack
 
     def run(doc_lengths, seq_len, batch_size, bucket=8):
         docs = [list(range(1, n + 1)) for n in doc_lengths]

@@ -14,15 +14,15 @@ import transformers as tf
 
 import converters
 from converters.errors import CheckpointError
-from converters.hf import state_arrays
-from converters.hf_export import same_bytes, save_hf, write_hf
-from converters.hf_names import detect_layout, hf_rules
-from converters.model_card import model_card, parameter_count
-from converters.safetensors_io import CheckpointReader
+from converters.hf.reader import state_arrays
+from converters.hf.writer import same_bytes, save_hf, write_hf
+from converters.hf.names import detect_layout, hf_rules
+from converters.moe.model_card import model_card, parameter_count
+from converters.hf.safetensors_io import CheckpointReader
 from jaxmoe.cli import main as cli_main
 from jaxmoe.cli.convert import parse_size
-from jaxmoe.config import ConfigError, ModelConfig
-from jaxmoe.config_export import config_to_hf
+from jaxmoe.nn.config import ConfigError, ModelConfig
+from converters.hf.config_export import config_to_hf
 from tests.tiny_models import BASE, TINY, hf_logits, load_hf_model
 from tests.tiny_tokenizer import make_tokenizer
 
@@ -355,8 +355,8 @@ def test_cli_convert_hf_dir(tiny_hf, tmp_path, capsys):
 def test_cli_convert_gguf(tmp_path):
     """SmolLM2-135M (Q4_1 GGUF) -> HF: tensors equal the dequantized GGUF; transformers loads the directory,
     its tokenizer works and the real model answers."""
-    from converters.gguf_reader import GGUFCheckpoint
-    from converters.smollm2 import fetch_smollm2
+    from converters.gguf.reader import GGUFCheckpoint
+    from converters.gguf.smollm2 import fetch_smollm2
 
     gguf = fetch_smollm2()
     out = tmp_path / "smol"

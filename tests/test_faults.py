@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from converters.atomic import OWNER_FILE, PREVIOUS, owner_record, process_start_time, remove_stale_temporaries
-from converters.safetensors_io import CheckpointReader
+from converters.hf.safetensors_io import CheckpointReader
 from jaxmoe.cli import main as cli
 from tests.tiny_models import make_tiny
 from tests.tiny_tokenizer import make_tokenizer
@@ -44,7 +44,7 @@ SLOW_BUILD = """
 import signal, sys, time
 for s in (signal.SIGTERM, signal.SIGHUP):
     signal.signal(s, signal.SIG_DFL)
-import converters.build as build
+import converters.moe.build as build
 real = build.compute_gates
 def slow(*args, **kw):
     time.sleep(120)

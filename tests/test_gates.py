@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import converters
-import converters.gates as gates_mod
-from converters.gates import (PromptEncoder, _pad, cheap_embed_gate, compute_gates, embed_algebra_gates, hidden_gate,
+import converters.moe.gates as gates_mod
+from converters.moe.gates import (PromptEncoder, _pad, cheap_embed_gate, compute_gates, embed_algebra_gates, hidden_gate,
                               random_gates)
 from tests.tiny_tokenizer import make_tokenizer
 
@@ -128,7 +128,7 @@ def test_compute_gates_stacks_experts_and_shared(setup):
 
 def test_degenerate_gates_warn(setup, caplog):
     model, _, tok = setup
-    with caplog.at_level(logging.WARNING, logger="converters.gates"):
+    with caplog.at_level(logging.WARNING, logger="converters.moe.gates"):
         g = compute_gates("hidden", [_E(POS), _E(POS)], None, model, tok)
     assert g.cond.min() > 1e3
     assert "degenerate routing parameters" in caplog.text

@@ -17,10 +17,10 @@ import torch
 import transformers as tf
 
 import converters
-from converters.gemma2moe_hf.configuration_gemma2moe import Gemma2MoeConfig
-from converters.hf import state_arrays
-from converters.hf_export import save_hf
-from converters.safetensors_io import CheckpointReader
+from converters.moe.gemma2moe_hf.configuration_gemma2moe import Gemma2MoeConfig
+from converters.hf.reader import state_arrays
+from converters.hf.writer import save_hf
+from converters.hf.safetensors_io import CheckpointReader
 from jaxmoe.generate import generate_full
 from tests.ckpt_edit import G2M_NAMES, dense_to_moe, rewrite
 from tests.tiny_models import WINDOW

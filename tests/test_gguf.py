@@ -14,11 +14,11 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
 
-from converters import smollm2
+from converters.gguf import smollm2
 from converters.errors import CheckpointError
-from converters.gguf_names import FAMILIES, to_gguf
-from converters.gguf_reader import GGUFCheckpoint
-from converters.smollm2 import SMOLLM2_SHA256, FetchError, fetch_smollm2
+from converters.gguf.names import FAMILIES, to_gguf
+from converters.gguf.reader import GGUFCheckpoint
+from converters.gguf.smollm2 import SMOLLM2_SHA256, FetchError, fetch_smollm2
 
 # ---- independent references -----------------------------------------------------------------------------
 

@@ -18,10 +18,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer
 
 from converters.errors import CheckpointError
-from converters.fast_tokenizer import FastTokenizer
-from converters.gguf_reader import GGUFCheckpoint
-from converters.gguf_tokenizer import load_gguf_tokenizer, merges_from_scores
-from converters.smollm2 import fetch_smollm2
+from converters.hf.fast_tokenizer import FastTokenizer
+from converters.gguf.reader import GGUFCheckpoint
+from converters.gguf.tokenizer import load_gguf_tokenizer, merges_from_scores
+from converters.gguf.smollm2 import fetch_smollm2
 from converters.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

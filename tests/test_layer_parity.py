@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import converters
-from jaxmoe.model import prologue
+from jaxmoe.nn.model import prologue
 from tests.tiny_models import TINY, WINDOW
 
 SEQ, BATCH = 2 * WINDOW + 5, 2  # longer than twice the sliding window

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-from jaxmoe import losses
+from jaxmoe.train import losses
 
 
 def _router_logits(seed: int, layers: int, b: int, t: int, e: int) -> list[np.ndarray]:

@@ -10,8 +10,8 @@ from flax import nnx
 
 import converters
 from jaxmoe import ModelConfig
-from jaxmoe.grouped import _blocked_mlp
-from jaxmoe.moe import ExpertSlices, MoEBlock, Routing, experts_bucketed, experts_dense, expert_slices
+from jaxmoe.kernels.grouped import _blocked_mlp
+from jaxmoe.nn.moe import ExpertSlices, MoEBlock, Routing, experts_bucketed, experts_dense, expert_slices
 from tests.ckpt_edit import G2M_NAMES, dense_to_moe, rewrite
 from tests.tiny_models import hf_logits
 

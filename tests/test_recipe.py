@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from converters.recipe import ExpertSpec, MoERecipe, OutputPlan, RecipeError, load_recipe, validate_sources
+from converters.moe.recipe import ExpertSpec, MoERecipe, OutputPlan, RecipeError, load_recipe, validate_sources
 
 RECIPES = Path(__file__).resolve().parent.parent / "configs" / "recipes"
 

@@ -1,4 +1,4 @@
-"""Tests for converters.safetensors_io and converters.atomic: exact bytes, exact errors, no leftovers."""
+"""Tests for converters.hf.safetensors_io and converters.atomic: exact bytes, exact errors, no leftovers."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-import converters.planned_writer as pw
+import converters.hf.planned_writer as pw
 from converters.atomic import atomic_output_dir
 from converters.errors import CheckpointError
-from converters.planned_writer import PlannedWriter
-from converters.safetensors_io import (
+from converters.hf.planned_writer import PlannedWriter
+from converters.hf.safetensors_io import (
     CheckpointReader,
     SafetensorsFile,
     ShardedWriter,
@@ -374,7 +374,7 @@ def test_atomic_sigkill_leaves_only_tmp_sibling(tmp_path: Path) -> None:
         import os, signal
         import numpy as np
         from converters.atomic import atomic_output_dir
-        from converters.safetensors_io import ShardedWriter
+        from converters.hf.safetensors_io import ShardedWriter
         with atomic_output_dir({str(tmp_path / 'OUT')!r}) as d:
             w = ShardedWriter(d)
             w.add("a", np.zeros(4, np.float32))

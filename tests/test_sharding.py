@@ -19,14 +19,15 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import converters
-from converters.hf import read_config
-from converters.safetensors_io import CheckpointReader
-from converters.sharded import model_from_tensors_sharded, save_hf_sharded
-from jaxmoe import ModelConfig, sharding
+from converters.hf.reader import read_config
+from converters.hf.safetensors_io import CheckpointReader
+from converters.hf.sharded import model_from_tensors_sharded, save_hf_sharded
+from jaxmoe import ModelConfig
+from jaxmoe.parallel import sharding
 from jaxmoe.generate import generate
-from jaxmoe.model import KVCache
-from jaxmoe.moe import MoEBlock, experts_dense, route
-from jaxmoe.moe_parallel import dropped_tokens, emulated_ragged_all_to_all, resolve_dispatch
+from jaxmoe.nn.model import KVCache
+from jaxmoe.nn.moe import MoEBlock, experts_dense, route
+from jaxmoe.parallel.expert_parallel import dropped_tokens, emulated_ragged_all_to_all, resolve_dispatch
 from tests.ckpt_edit import G2M_NAMES, dense_to_moe, rewrite
 
 MESHES = ["expert=8", "expert=4,data=2", "expert=2,tensor=4", "fsdp=8"]

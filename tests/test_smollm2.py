@@ -8,7 +8,7 @@ import torch
 
 import converters
 import jaxmoe
-from converters.smollm2 import fetch_smollm2
+from converters.gguf.smollm2 import fetch_smollm2
 from converters.tokenizer import load_tokenizer
 from jaxmoe.generate import left_pad
 

@@ -18,11 +18,11 @@ import pytest
 import yaml
 from flax import nnx
 
-from jaxmoe.checkpoint import flat_params, load_orbax_model, save_orbax_model
+from jaxmoe.train.checkpoint import flat_params, load_orbax_model, save_orbax_model
 from jaxmoe.cli import main
-from jaxmoe.config import ModelConfig
-from jaxmoe.model import Transformer
-from jaxmoe.train import TrainConfigError, Trainer, parse_config
+from jaxmoe.nn.config import ModelConfig
+from jaxmoe.nn.model import Transformer
+from jaxmoe.train.loop import TrainConfigError, Trainer, parse_config
 from tests.tiny_tokenizer import VOCAB, WORDS, make_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,7 +220,7 @@ def test_bf16_params_with_float32_master_weights(router_run, tmp_path):
 
 
 def test_packed_stream_is_deterministic_and_resumable(tmp_path):
-    from jaxmoe.data import DataState, PackedStream, eval_sequences
+    from jaxmoe.train.data import DataState, PackedStream, eval_sequences
 
     tok = make_tokenizer()
     docs = [" ".join(WORDS[i % 50: i % 50 + 1 + i % 7]) for i in range(40)]
@@ -317,7 +317,7 @@ def test_sigkill_then_resume_continues_exactly(small_moe, tmp_path, capsys, comp
 # --- mesh -----------------------------------------------------------------------------------------
 def test_mesh_training_matches_one_device(small_moe, tmp_path):
     from jaxmoe.cli.train import load_tokenizer
-    from jaxmoe.sharding import make_mesh
+    from jaxmoe.parallel.sharding import make_mesh
 
     d = small_moe
     tok = load_tokenizer(d / "tok")

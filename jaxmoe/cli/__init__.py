@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     # missing from a base install is noise in our output.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from converters.errors import CheckpointError
-    from jaxmoe.config import ConfigError
+    from jaxmoe.nn.config import ConfigError
 
     expected = (CliError, CheckpointError, ConfigError, FileNotFoundError, ValueError)
     try:
@@ -108,7 +108,7 @@ def _join_job(args: argparse.Namespace) -> None:
     """jax.distributed.initialize from the flags (or the TPU environment); silence stdout off process 0."""
     import jax
 
-    from jaxmoe.sharding import initialize_distributed
+    from jaxmoe.parallel.sharding import initialize_distributed
 
     initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     if jax.process_index() != 0:

@@ -63,7 +63,7 @@ _EXIT_FREEZE = False
 
 def run(args: argparse.Namespace) -> int:
     """Build and print the routing preview."""
-    import converters.build  # noqa: F401 - imported before the freeze: its modules live as long as we do
+    import converters.moe.build  # noqa: F401 - imported before the freeze: its modules live as long as we do
 
     with _imports_frozen():
         return _run(args)
@@ -72,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import time
 
-    from converters.build import build_moe, expert_names, routing_table
-    from converters.recipe import load_recipe
+    from converters.moe.build import build_moe, expert_names, routing_table
+    from converters.moe.recipe import load_recipe
 
     start = time.perf_counter()
     recipe = load_recipe(args.recipe)

@@ -51,10 +51,10 @@ def _gguf_tokenizer(ckpt, path: Path):
 def run(args: argparse.Namespace) -> int:
     """Convert IN to an HF directory at OUT, one tensor in memory at a time."""
     from converters.errors import CheckpointError
-    from converters.hf_export import tensor_source_getter, write_hf
-    from converters.hf_names import detect_layout, hf_rules
+    from converters.hf.writer import tensor_source_getter, write_hf
+    from converters.hf.names import detect_layout, hf_rules
     from jaxmoe.cli import CliError
-    from jaxmoe.config import ConfigError, ModelConfig
+    from jaxmoe.nn.config import ConfigError, ModelConfig
 
     src, out = Path(args.input), Path(args.output)
     max_shard = parse_size(args.shard_size)
@@ -62,13 +62,13 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"{out} exists; pass --overwrite to replace it")
     if src.resolve() == out.resolve():
         raise CliError("IN and OUT are the same path")
-    from jaxmoe.checkpoint import is_orbax_checkpoint
+    from jaxmoe.train.checkpoint import is_orbax_checkpoint
 
     if args.to == "orbax":  # an HF dir or GGUF as a jaxmoe orbax checkpoint (what `jaxmoe train` can start from)
         import shutil
 
         import converters
-        from jaxmoe.checkpoint import save_orbax_model
+        from jaxmoe.train.checkpoint import save_orbax_model
 
         if out.exists():
             shutil.rmtree(out)
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {out} (from orbax checkpoint {src}, layout {args.layout})")
         return 0
     if src.suffix == ".gguf":
-        from converters.gguf_reader import GGUFCheckpoint
+        from converters.gguf.reader import GGUFCheckpoint
 
         if not src.is_file():
             raise CheckpointError(f"{src}: no such file")
@@ -102,8 +102,8 @@ def run(args: argparse.Namespace) -> int:
         dtype = args.dtype or "float32"
         tokenizer = _gguf_tokenizer(source, src)
     else:
-        from converters.hf import read_config
-        from converters.safetensors_io import CheckpointReader
+        from converters.hf.reader import read_config
+        from converters.hf.safetensors_io import CheckpointReader
 
         config = read_config(src)
         source = CheckpointReader(src)

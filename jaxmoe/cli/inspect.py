@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def report(model, tokenizer, prompts: list[str], names: list[str] | None = None,
            layers: list[int] | None = None) -> tuple[str, "object"]:
     """Text report and the [moe_layers, E] load matrix (see `format_report`)."""
-    from converters.gates import tokenize_prompts
+    from converters.moe.gates import tokenize_prompts
     from jaxmoe.routing import expert_load, route_prompts
 
     routings = route_prompts(model, tokenize_prompts(tokenizer, prompts))
@@ -76,8 +76,8 @@ def heatmap(load, path: Path, names: list[str] | None = None) -> None:
 def run(args: argparse.Namespace) -> int:
     """Print the report; write PNG + text with --out."""
     import converters
-    from converters.build import load_tokenizer
-    from converters.recipe import model_expert_names
+    from converters.moe.build import load_tokenizer
+    from converters.moe.recipe import model_expert_names
     from jaxmoe.cli import CliError
 
     prompts = list(args.prompt)

@@ -18,7 +18,7 @@ def run(args: argparse.Namespace) -> int:
 
     import converters
     from jaxmoe.cli import CliError
-    from jaxmoe.parity import transformers_logits
+    from converters.hf.parity import transformers_logits
 
     model = converters.load(args.model, dtype="float32")
     ids = np.random.default_rng(args.seed).integers(0, model.config.vocab_size, (args.batch, args.tokens))

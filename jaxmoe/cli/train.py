@@ -31,7 +31,7 @@ def load_tokenizer(path: str | Path) -> Any:
         if load is not None:
             return load(path)
         if path.suffix == ".gguf":
-            from converters.gguf_reader import GGUFCheckpoint
+            from converters.gguf.reader import GGUFCheckpoint
 
             return GGUFCheckpoint(path).tokenizer()
         from transformers import AutoTokenizer
@@ -43,16 +43,15 @@ def load_tokenizer(path: str | Path) -> Any:
                        f"directory with tokenizer files") from None
 
 
-def load_model(path: str | Path, dtype: str | None = None, tokenizer: str | None = None,
-               moe_impl: str = "ragged") -> tuple[Any, Any, str]:
+def load_model(path: str | Path, dtype: str | None = None, tokenizer: str | None = None) -> tuple[Any, Any, str]:
     """(model, tokenizer, tokenizer path) for an HF directory, a .gguf file or a jaxmoe orbax checkpoint."""
-    from jaxmoe.checkpoint import is_orbax_checkpoint, load_orbax_model, read_orbax_meta
+    from jaxmoe.train.checkpoint import is_orbax_checkpoint, load_orbax_model, read_orbax_meta
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model: {path}: no such file or directory")
     if path.is_dir() and not (path / "config.json").is_file() and is_orbax_checkpoint(path):
-        model = load_orbax_model(path, dtype, moe_impl)
+        model = load_orbax_model(path, dtype)
         tokenizer = tokenizer or read_orbax_meta(path).get("tokenizer")
         if not tokenizer:
             from jaxmoe.cli import CliError
@@ -61,7 +60,7 @@ def load_model(path: str | Path, dtype: str | None = None, tokenizer: str | None
     else:
         import converters
 
-        model = converters.load(path, dtype, moe_impl=moe_impl)
+        model = converters.load(path, dtype)
         tokenizer = tokenizer or str(path)
     return model, load_tokenizer(tokenizer), str(Path(tokenizer).absolute())
 
@@ -69,10 +68,10 @@ def load_model(path: str | Path, dtype: str | None = None, tokenizer: str | None
 def export_hf(checkpoint: str | Path, out: str | Path, layout: str = "legacy", dtype: str | None = None,
               **write_kw: Any) -> Path:
     """A jaxmoe orbax checkpoint (run dir, checkpoints dir or step dir) -> an HF directory, with the
-    tokenizer named in the checkpoint; `write_kw` as for `converters.hf_export.write_hf` (overwrite,
+    tokenizer named in the checkpoint; `write_kw` as for `converters.hf.writer.write_hf` (overwrite,
     max_shard_bytes, progress). The hook for `jaxmoe convert CKPT OUT --to hf`."""
-    from converters.hf_export import save_hf
-    from jaxmoe.checkpoint import load_orbax_model, read_orbax_meta
+    from converters.hf.writer import save_hf
+    from jaxmoe.train.checkpoint import load_orbax_model, read_orbax_meta
 
     model = load_orbax_model(checkpoint, dtype)
     tokenizer = read_orbax_meta(checkpoint).get("tokenizer")
@@ -86,8 +85,8 @@ def export_hf(checkpoint: str | Path, out: str | Path, layout: str = "legacy", d
 
 def run(args: argparse.Namespace) -> int:
     """Train as the config says; checkpoints, metrics, loss curve and routing report go to output_dir."""
-    from jaxmoe.data import check_files
-    from jaxmoe.train import Trainer, load_config
+    from jaxmoe.train.data import check_files
+    from jaxmoe.train.loop import Trainer, load_config
 
     cfg = load_config(args.config)
     check_files(cfg.train_data, "data.train")  # before the (slow) model load
@@ -95,12 +94,12 @@ def run(args: argparse.Namespace) -> int:
         check_files(cfg.eval_data, "data.eval")
     mesh = None
     if cfg.mesh:
-        from jaxmoe.sharding import make_mesh
+        from jaxmoe.parallel.sharding import make_mesh
 
         mesh = make_mesh(cfg.mesh)
-    model, tokenizer, tok_path = load_model(cfg.model, cfg.param_dtype, cfg.tokenizer, cfg.moe_impl)
+    model, tokenizer, tok_path = load_model(cfg.model, cfg.param_dtype, cfg.tokenizer)
     if mesh is not None:
-        from jaxmoe.sharding import check_mesh
+        from jaxmoe.parallel.sharding import check_mesh
 
         check_mesh(model.config, mesh)
     trainer = Trainer(cfg, model, tokenizer, tok_path, mesh=mesh, print_fn=lambda s: print(s, flush=True))

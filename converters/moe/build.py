@@ -1,0 +1,422 @@
+"""The frankenMoE builder: recipe -> validated plan -> gate vectors (JAX) -> streamed HF export.
+
+The output's names, dtypes and shapes follow from the configs alone, so the export starts at once in a
+second thread: every tensor whose bytes already lie in a safetensors source (unchanged experts, the base
+model's attention, norms and embeddings) is copied file to file, in-kernel, while the calling thread loads
+the base model and computes the gates. The routers, and any tensor that needs arithmetic (noise, a
+residual scale, a GGUF source, a cast that would round twice), follow through `get` once the gates are
+known and the base model is dropped, so memory is bounded by the base model (needed for hidden-state
+gates) or by one layer of experts on the arithmetic path, whichever is larger. The copied bytes are
+checked against the arithmetic path by tests/test_build.py.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import shutil
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from converters.atomic import terminate_as_interrupt
+from converters.errors import CheckpointError
+from converters.moe.gates import Gates, PromptEncoder, compute_gates, random_router, tokenize_prompts
+from converters.moe.recipe import (RANDOM_GATE_MODES, RECIPE_FILE, MoERecipe, OutputPlan, RecipeError, expert_names,
+                               load_recipe, validate_sources)
+from jaxmoe.nn.config import ConfigError, ModelConfig
+from jaxmoe.memory import release_memory
+
+log = logging.getLogger(__name__)
+MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
+
+
+def read_source_config(path: str | Path) -> dict[str, Any]:
+    """The HF config dict of a source: an HF directory's config.json, or a GGUF file's metadata."""
+    path = Path(path)
+    if path.suffix == ".gguf":
+        from converters.gguf.reader import GGUFCheckpoint
+
+        return GGUFCheckpoint(path).hf_config()
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise CheckpointError(f"{path}: config.json not found; an HF model directory needs one")
+    return json.loads(cfg.read_text())
+
+
+def open_tensors(path: str | Path):
+    """A tensor source (HF names) for an HF directory or a GGUF file."""
+    path = Path(path)
+    if path.suffix == ".gguf":
+        from converters.gguf.reader import GGUFCheckpoint
+
+        return GGUFCheckpoint(path)
+    from converters.hf.safetensors_io import CheckpointReader
+
+    return CheckpointReader(path)
+
+
+def load_tokenizer(path: str | Path, light: bool = False):
+    """The tokenizer of an HF directory or a GGUF file; `light`: encode with `tokenizers` alone where the
+    directory has a tokenizer.json (seconds faster than importing transformers' tokenizers)."""
+    from converters.hf.fast_tokenizer import FastTokenizer, can_use
+
+    if light and can_use(path):
+        return FastTokenizer(path)
+    from converters.tokenizer import load_tokenizer as _load
+
+    return _load(path)
+
+
+class ExpertMLPs:
+    """Reads one dense source's MLP weights per layer in our layout ([H, I] / [I, H]), float32, on demand."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.tensors = open_tensors(path)
+
+    @lru_cache(maxsize=6)
+    def get(self, layer: int, name: str) -> np.ndarray:
+        """Our-layout kernel of `model.layers.{layer}.mlp.{name}.weight`."""
+        hf = f"model.layers.{layer}.mlp.{name}.weight"
+        if not self.tensors.has(hf):
+            raise CheckpointError(f"{self.path}: tensor '{hf}' is missing")
+        return np.asarray(self.tensors.get(hf), np.float32).T
+
+
+def output_config(base: ModelConfig, plan: OutputPlan, dtype: str) -> ModelConfig:
+    """The MoE's ModelConfig: the base's attention/norms/embeddings plus the plan's MoE fields."""
+    common = dict(num_experts=plan.num_experts, num_experts_per_tok=plan.experts_per_token, norm_topk_prob=True,
+                  moe_layers=(True,) * base.num_layers, dtype=dtype)
+    if plan.architecture == "qwen2_moe":
+        if base.o_bias:
+            raise RecipeError(plan.base_config.get("_name_or_path", "base_model"), None, "base_model",
+                              "an o_proj bias cannot be carried into Qwen2-MoE")
+        return base.replace(model_type="qwen2_moe", moe_intermediate_size=base.intermediate_size,
+                            shared_expert_intermediate_size=base.intermediate_size, qkv_bias=True, **common)
+    if plan.architecture == "mixtral" and (base.qkv_bias or base.o_bias):
+        raise RecipeError("recipe", None, "base_model", "Mixtral has no attention biases; this base has them")
+    return base.replace(model_type=plan.architecture, **common)
+
+
+@dataclass
+class BuildResult:
+    """What a build produced: the output dir, its config, the gates and the routing preview."""
+
+    out_dir: Path
+    config: ModelConfig
+    gates: Gates
+    routing: np.ndarray  # [groups, E]: share of prompt tokens whose top-1 expert is e, per expert's prompts
+    # (NaN rows for experts without prompts: random gates need none)
+
+
+def routing_preview(encoder: PromptEncoder | None, tokenizer, gates: Gates, prompt_groups: list[list[str]]
+                    ) -> np.ndarray:
+    """Share of tokens (over layers and real tokens) whose top-1 expert is e, for each group of prompts,
+    computed from the base model's router inputs (exact while the experts are identical). A group without
+    prompts (random gates need none) gets a row of NaN; with no prompts at all `encoder` may be None."""
+    tokenized = [tokenize_prompts(tokenizer, prompts) for prompts in prompt_groups]
+    rows = np.full((len(tokenized), gates.router.shape[1]), np.nan)
+    flat = [s for group in tokenized for s in group]
+    if not flat:
+        return rows
+    top = encoder.top1(flat, gates.router)  # one pass: one compile
+    start = 0
+    for i, group in enumerate(tokenized):
+        n = sum(len(s) for s in group)
+        if n:
+            share = top[:, start:start + n]
+            rows[i] = np.bincount(share.reshape(-1), minlength=rows.shape[1]) / share.size
+        start += n
+    return rows
+
+
+def routing_table(names: list[str], routing: np.ndarray) -> str:
+    """Markdown table: prompts of expert (row) -> share routed to expert (column); "n/a" in the row of an
+    expert without prompts, and one line instead of a table when no expert has any."""
+    if not np.isfinite(routing).any():
+        return "(no expert has prompts: nothing to preview)\n"
+    head = "| prompts of | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n"
+    return head + "".join(f"| {n} | " + " | ".join("n/a" if np.isnan(x) else f"{x:.0%}" for x in row) + " |\n"
+                          for n, row in zip(names, routing))
+
+
+class _TokenizerWhenIdle:
+    """The base tokenizer as the export thread's `tokenizer_src`: saved straight into the output's temporary
+    directory (nothing in the system temp directory), once the gates are set. Until then the main thread
+    encodes prompts with it, and transformers' fast tokenizers must not be used from two threads at once.
+    Only the files `write_tokenizer` copies from a directory are kept, as they would be from one."""
+
+    def __init__(self, tokenizer: Any, gates: "_Later") -> None:
+        self.tokenizer, self.gates = tokenizer, gates
+
+    def save_pretrained(self, out: str | Path) -> None:
+        """Write the tokenizer files into `out` (staged in a subdirectory of `out`, removed after)."""
+        from converters.hf.writer import TOKENIZER_FILES
+
+        self.gates.get()  # raises _Cancelled if the build failed meanwhile
+        stage = Path(out) / ".tokenizer-staging"
+        try:
+            stage.mkdir(exist_ok=True)
+            self.tokenizer.save_pretrained(str(stage))
+            for name in TOKENIZER_FILES:
+                if (stage / name).is_file():
+                    shutil.copyfile(stage / name, Path(out) / name)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+class _Cancelled(Exception):
+    """The build failed or was interrupted in the other thread: the export stops and removes its files."""
+
+
+class _Export(threading.Thread):
+    """`write_hf` in a thread; `result()` waits for it and re-raises what it raised."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(name="jaxmoe-build-export")
+        self.kw, self.error = kw, None
+
+    def run(self) -> None:
+        from converters.hf.writer import write_hf
+
+        try:
+            write_hf(**self.kw)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            self.error = e
+
+    def check(self) -> None:
+        """Raise the export's error now if it has already failed."""
+        if not self.is_alive() and self.error is not None:
+            raise self.error
+
+    def result(self) -> None:
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+class _Later:
+    """A value computed by the main thread later; `get` waits for it (or for the build's failure)."""
+
+    def __init__(self) -> None:
+        self.ready, self.value, self.failed = threading.Event(), None, False
+
+    def set(self, value: Any) -> None:
+        self.value = value
+        self.ready.set()
+
+    def fail(self) -> None:
+        self.failed = True
+        self.ready.set()
+
+    def get(self) -> Any:
+        self.ready.wait()
+        if self.failed:
+            raise _Cancelled()
+        return self.value
+
+
+def base_model_config(path: str | Path, plan: OutputPlan) -> ModelConfig:
+    """The base model's ModelConfig from the config the plan read (no weights), float32 as it is loaded."""
+    name = str(Path(path) / "config.json") if Path(path).is_dir() else str(path)
+    try:
+        return ModelConfig.from_hf(plan.base_config, name).replace(dtype="float32")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def build_moe(recipe: str | Path | MoERecipe, out_dir: str | Path, *, dtype: str | None = None, seed: int = 0,
+              overwrite: bool = False, layout: str = "legacy", gate_input: str = "residual",
+              max_shard_bytes: int = 5_000_000_000, search_dirs: tuple = (), progress: bool = True,
+              on_gates: Callable[[Gates], None] | None = None) -> BuildResult:
+    """Build the MoE a recipe describes and write it as an HF directory at `out_dir` (atomically)."""
+    import converters
+    from converters.hf.writer import check_layout
+    from converters.moe.model_card import model_card
+
+    if not isinstance(recipe, MoERecipe):
+        recipe = load_recipe(recipe, search_dirs=search_dirs)
+    plan = validate_sources(recipe, read_source_config)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise CheckpointError(f"{out_dir} exists; pass --overwrite to replace it")
+    for w in plan.warnings:
+        log.warning(w)
+    base_config = base_model_config(recipe.base_model, plan)
+    out_dtype = dtype or recipe.dtype or plan.dtype or base_config.dtype
+    config = output_config(base_config, plan, out_dtype)
+    check_layout(config, layout)
+    tokenizer = load_tokenizer(recipe.base_model, light=True)
+    later_gates, later_card, cancelled = _Later(), _Later(), threading.Event()
+    get = _tensor_getter(recipe, config, base_config, later_gates.get, seed)
+    raw = _raw_getter(recipe, base_config, out_dtype, cancelled)
+    prompt_groups = [e.positive_prompts for e in recipe.experts]
+    # Random gates come from the seed alone: the base model runs only for a routing preview of prompts.
+    random_mode = recipe.gate_mode in RANDOM_GATE_MODES
+    need_base = not random_mode or any(prompt_groups)
+    # SIGTERM / SIGHUP raise in this thread from here on, so the except below stops the export thread
+    # and its temporary directory goes, as for Ctrl-C.
+    with terminate_as_interrupt():
+        export = _Export(out_dir=out_dir, config=config, get=get, layout=layout, dtype=out_dtype,
+                         tokenizer_src=_TokenizerWhenIdle(tokenizer, later_gates), model_card=later_card.get,
+                         raw=raw, extra_files={RECIPE_FILE: recipe.raw_text}, overwrite=overwrite,
+                         max_shard_bytes=max_shard_bytes, progress=progress)
+        try:
+            export.start()  # inside the try: a signal arriving just now still cancels and joins it
+            encoder = None
+            if need_base:
+                base = converters.load(recipe.base_model, dtype="float32")
+                export.check()
+                encoder = PromptEncoder(base, bucket=1)  # one batch of exactly the prompts' shape: one compile
+                del base
+            shared = recipe.shared_experts[0] if recipe.shared_experts else None
+            if random_mode:
+                gates = random_router(recipe.gate_mode, base_config.num_layers, base_config.hidden_size,
+                                      len(recipe.experts), shared is not None, seed)
+            else:
+                # No bar over the experts: the per-expert arithmetic takes milliseconds after the prompts' one
+                # forward pass, and a second bar beside the writer's garbled terminals.
+                gates = compute_gates(recipe.gate_mode, recipe.experts, shared, encoder, tokenizer, seed,
+                                      gate_input, lambda xs: xs)
+            if on_gates:
+                on_gates(gates)
+            routing = routing_preview(encoder, tokenizer, gates, prompt_groups)
+            del encoder
+            later_gates.set(gates)  # the export's arithmetic part starts now, after the base model is gone
+            table = routing_table(expert_names(recipe), routing) if np.isfinite(routing).any() else None
+            later_card.set(model_card(config, recipe_text=recipe.raw_text, routing_table=table))
+            export.result()
+        except BaseException:
+            cancelled.set()
+            later_gates.fail()
+            later_card.fail()
+            if export.ident is not None:  # started: it removes its temporary directory before we re-raise
+                export.join()
+            raise
+    return BuildResult(out_dir, config, gates, routing)
+
+
+def _source_reader(path: str | Path):
+    """A CheckpointReader for an HF directory with safetensors, else None (GGUF: no raw bytes to copy)."""
+    from converters.hf.safetensors_io import CheckpointReader
+
+    path = Path(path)
+    if path.suffix == ".gguf" or not path.is_dir():
+        return None
+    try:
+        return CheckpointReader(path)
+    except CheckpointError:
+        return None  # the arithmetic path reports it
+
+
+def _raw_getter(recipe: MoERecipe, base_config: ModelConfig, out_dtype: str, cancelled: threading.Event):
+    """raw(rule, shape) for the writer: the source bytes that are exactly an output tensor, or None.
+
+    Base-model tensors (embeddings, norms, attention) are the base's own tensor when the base's name-table
+    rule for that parameter has the same reversible kind. An expert tensor (one expert's w1/w2/w3, or a
+    fused gate_up / down made of every expert's) is its source's MLP tensor when that expert adds no noise
+    and no residual scale to it. Casts must round at most once, as the arithmetic path does; a source tensor
+    of another shape is left to the arithmetic path, which reports it."""
+    from converters.hf.writer import NP_DTYPES, _split, exact_cast, same_bytes
+    from converters.hf.names import hf_rules
+
+    np_out = NP_DTYPES[out_dtype]
+    readers: dict[str, Any] = {}
+    base_rules = {r.ours: r for r in hf_rules(base_config, "legacy")}
+
+    def reader(path: str):
+        if path not in readers:
+            readers[path] = _source_reader(path)
+        return readers[path]
+
+    def expert_bytes(spec, layer: int, name: str, want: tuple[int, ...]):
+        if spec.noise_scale or (name == "down_proj" and spec.residual_scale != 1.0):
+            return None
+        src = reader(spec.source_model)
+        hf = f"model.layers.{layer}.mlp.{name}.weight"
+        if src is None or not src.has(hf):
+            return None
+        t = src.locate(hf)
+        return t if tuple(t.shape) == tuple(want) and exact_cast(t.dtype, np_out) else None
+
+    def raw(rule, shape: tuple[int, ...]):
+        if cancelled.is_set():
+            raise _Cancelled()
+        targets = [_split(o) for o in rule.ours]
+        path = targets[0][0].split(".")
+        if not (path[0] == "layers" and path[2] == "mlp"):
+            src = reader(recipe.base_model)
+            return None if src is None else same_bytes(rule, base_rules.get(rule.ours), src, shape, np_out)
+        layer, rest = int(path[1]), path[3:]
+        names, js = [p.split(".")[-1] for p, _ in targets], [j for _, j in targets]
+        if names[0] not in MLP_NAMES:  # router, shared expert gate
+            return None
+        pieces = []
+        if rule.kind == "linear" and len(targets) == 1 and rest[0] == "shared_expert":
+            pieces = [expert_bytes(recipe.shared_experts[0], layer, names[0], shape)]
+        elif rule.kind == "linear" and len(targets) == 1 and js[0] is not None:  # legacy / mlp: one expert
+            pieces = [expert_bytes(recipe.experts[js[0]], layer, names[0], shape)]
+        elif rule.kind in ("fused_gate_up", "fused_down") and all(j is None for j in js):  # every expert
+            want = shape[1:] if rule.kind == "fused_down" else (shape[1] // 2, shape[2])
+            pieces = [expert_bytes(e, layer, n, want) for e in recipe.experts for n in names]
+        return pieces if pieces and all(t is not None for t in pieces) else None
+
+    return raw
+
+
+def _tensor_getter(recipe: MoERecipe, config: ModelConfig, base_config: ModelConfig, gates: Callable[[], Gates],
+                   seed: int):
+    """get(our param path) for the writer: base tensors, stacked expert MLPs, routers, shared expert.
+    `gates()` returns the gates, waiting for them (and so for the base model to be released) if need be."""
+    from converters.hf.writer import param_shapes, tensor_source_getter
+
+    base: list = []  # [getter, our paths]: built on first use (most builds copy every base tensor raw)
+    released: list = []
+    sources: dict[str, ExpertMLPs] = {}
+
+    def src(path: str) -> ExpertMLPs:
+        if path not in sources:
+            sources[path] = ExpertMLPs(path)
+        return sources[path]
+
+    def expert_tensor(spec, index: int, layer: int, name: str) -> np.ndarray:
+        w = src(spec.source_model).get(layer, name)
+        if spec.noise_scale:
+            rng = np.random.default_rng([seed, index, layer, MLP_NAMES.index(name)])
+            w = w + rng.normal(0.0, spec.noise_scale, w.shape).astype(np.float32)
+        if name == "down_proj" and spec.residual_scale != 1.0:
+            w = w * np.float32(spec.residual_scale)
+        return w
+
+    def get(path: str) -> np.ndarray:
+        g = gates()  # also for other tensors: arithmetic waits until the base model is dropped
+        parts = path.split(".")
+        mlp = parts[0] == "layers" and parts[2] == "mlp"
+        layer, rest = (int(parts[1]), parts[3:]) if mlp else (None, [])
+        if rest == ["router"]:
+            return g.router[layer].T.copy()
+        if rest == ["shared_expert_gate"]:
+            return g.shared[layer][:, None].copy()
+        if not released:  # the first tensor that needs arithmetic: free the base model's memory first
+            release_memory()
+            released.append(True)
+        if mlp:
+            if rest[0] == "shared_expert":
+                return expert_tensor(recipe.shared_experts[0], len(recipe.experts), layer, rest[1])
+            return np.stack([expert_tensor(e, j, layer, rest[0]) for j, e in enumerate(recipe.experts)])
+        if not base:
+            base.extend([tensor_source_getter(base_config, open_tensors(recipe.base_model), "legacy"),
+                         set(param_shapes(base_config))])
+        if path in base[1]:
+            return np.asarray(base[0](path))
+        if parts[-1] in ("q_bias", "k_bias", "v_bias"):  # Qwen2-MoE from a bias-free base: zero biases
+            heads = config.num_heads if parts[-1] == "q_bias" else config.num_kv_heads
+            return np.zeros((heads, config.head_dim), np.float32)
+        raise KeyError(f"the builder has no tensor for parameter '{path}'")
+
+    return get

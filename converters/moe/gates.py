@@ -1,0 +1,285 @@
+"""Router (gate) vectors for a frankenMoE, computed in JAX in float32.
+
+Formulas: ../shared/reference/moe-building.md sections 1.3 (mergekit-moe) and 2.2 (Gemma-2-MoE). We do what
+mergekit means, not its accidents: each prompt runs with its own correct positions (right padding, so no
+left-padding position shift) and pad positions never enter a mean.
+
+`gate_input` chooses what a hidden-state gate is taken from: "residual" (mergekit: the residual stream
+entering layer l) or "router_input" (the normalised MLP input the router of layer l actually sees).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxmoe.nn.model import Transformer, prologue
+
+log = logging.getLogger(__name__)
+GATE_INPUTS = ("residual", "router_input")
+DEGENERATE_COND = 5.0  # mergekit's threshold for "your prompts may be too similar"
+FAST_CPU_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+# tokens x hidden size x layers up to which the quick compile pays: measured on SmolLM2-135M (2.8e6 of
+# them), it saves ~1 s of compile and costs ~0.2 s of run time, which grows with this product.
+FAST_COMPILE_WORK = 10_000_000
+
+
+@dataclass
+class Gates:
+    """router [L, E, H] (row e of layer l is expert e's vector), shared [L, H] or None, cond [L]."""
+
+    router: np.ndarray
+    shared: np.ndarray | None
+    cond: np.ndarray
+
+
+def tokenize_prompts(tokenizer: Any, prompts: Sequence[str], bos_prefix: bool = True) -> list[list[int]]:
+    """Token ids per prompt: BOS (if the tokenizer has one) + the prompt without other special tokens."""
+    out = []
+    for p in prompts:
+        ids = list(tokenizer(p, add_special_tokens=False)["input_ids"])
+        bos = getattr(tokenizer, "bos_token_id", None)
+        out.append(([bos] if bos_prefix and bos is not None else []) + ids)
+    return out
+
+
+def _pad(seqs: list[list[int]], rows: int, bucket: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad to a multiple of `bucket` tokens and `rows` rows, so batch shapes (and compiles) repeat."""
+    t = -(-max(len(s) for s in seqs) // bucket) * bucket
+    ids = np.zeros((rows, t), np.int32)
+    mask = np.zeros((rows, t), np.int32)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)] = s, 1
+    return ids, mask
+
+
+class PromptEncoder:
+    """Runs the base model over prompts with correct positions (right padding), one jitted layer at a time.
+
+    The model's own modules run: a jitted prologue (token embedding, rotary tables, attention masks, as
+    `Transformer.forward` builds them without a cache) and one jitted `DecoderLayer` step called per layer
+    with that layer's parameters. Layers of one structure share one compilation, so compile time does not
+    grow with depth (a whole unrolled forward costs seconds of XLA time per build, a layer a fraction).
+    Parameters are passed in, never returned, so no call copies the model. Per prompt it keeps, for every
+    layer, the last real token's state and the mean over real tokens, of both the residual stream entering
+    the layer and the normalised MLP input (what the router sees): never a whole [L, B, T, H] on the host
+    beyond `keep_bytes`.
+    """
+
+    def __init__(self, model: Transformer, rows: int = 16, bucket: int = 16, keep_bytes: int = 256 << 20):
+        self.graphdef, self.state = nnx.split(model)
+        self.config = model.config
+        self.embed = model.embed
+        self.layers = [nnx.split(layer) for layer in model.layers]
+        self.rows, self.bucket = rows, bucket
+        # Router-input states are kept on the host up to this many bytes, so a routing preview needs no
+        # second forward; beyond it `top1` runs the model again.
+        self.keep_bytes, self.kept = keep_bytes, 0
+        # Each shape runs once or twice, so for small batches compile time is what counts: on XLA:CPU, without
+        # LLVM optimisation and fusion emitters a layer compiles in a third of the time and its elementwise
+        # code runs a little slower (the matmuls are library calls either way); big batches keep the defaults.
+        fast = FAST_CPU_COMPILE if jax.default_backend() == "cpu" else None
+        self._prologue = jax.jit(_prologue, static_argnums=0, compiler_options=fast)  # no bound method: no
+        # reference cycle, so the parameters go as soon as the encoder does
+        self._layer_fast = jax.jit(_layer_step, static_argnums=0, compiler_options=fast)
+        self._layer_default = jax.jit(_layer_step, static_argnums=0)
+        self.cache: dict[tuple[int, ...], dict[str, np.ndarray]] = {}
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray):
+        """Yields, per layer, (features {name/reduce: [B, H]}, router input [B, T, H]) as device arrays."""
+        x, cos, sin, masks, last, m = self._prologue(self.config, self.embed[...], ids, mask)
+        small = ids.size * self.config.hidden_size * self.config.num_layers <= FAST_COMPILE_WORK
+        step = self._layer_fast if small else self._layer_default
+        for (graphdef, state), kind in zip(self.layers, self.config.layer_types):
+            x, feats, router_input = step(graphdef, state, x, cos, sin, masks[kind], last, m)
+            yield feats, router_input
+
+    def _batches(self, tokenized: list[list[int]]):
+        # One batch of exactly the prompts (one compile, no padded rows) when they fit in self.rows; else
+        # batches of self.rows rows, all of one shape.
+        rows = max(1, len(tokenized)) if len(tokenized) <= self.rows else self.rows
+        for start in range(0, len(tokenized), rows):
+            chunk = tokenized[start:start + rows]
+            yield chunk, _pad(chunk, rows, self.bucket)
+
+    def features(self, tokenized: list[list[int]]) -> dict[str, np.ndarray]:
+        """{"residual/last", "residual/mean", "router_input/last", "router_input/mean"} -> [L, N, H]."""
+        todo = [s for s in dict.fromkeys(map(tuple, tokenized)) if s not in self.cache]
+        for chunk, (ids, mask) in self._batches([list(s) for s in todo]):
+            layers = list(self._run(ids, mask))  # dispatched asynchronously; waited for below
+            out = {k: np.stack([np.asarray(f[k]) for f, _ in layers]) for k in layers[0][0]}
+            size = len(layers) * layers[0][1].size * 4
+            keep = self.kept + size <= self.keep_bytes
+            states = np.stack([np.asarray(r) for _, r in layers]) if keep else None
+            self.kept += size if keep else 0
+            for i, s in enumerate(chunk):
+                self.cache[tuple(s)] = {k: v[:, i] for k, v in out.items()}
+                if keep:
+                    self.cache[tuple(s)]["states"] = states[:, i, : len(s)]
+        rows = [self.cache[tuple(s)] for s in tokenized]
+        return {k: np.stack([r[k] for r in rows], axis=1) for k in rows[0] if k != "states"}
+
+    def top1(self, tokenized: list[list[int]], router: np.ndarray) -> np.ndarray:
+        """Top-1 expert of every real token at every layer (router [L, E, H]), concatenated: [L, tokens]."""
+        cached = [self.cache.get(tuple(s), {}).get("states") for s in tokenized]
+        if all(c is not None for c in cached):
+            return np.concatenate([np.einsum("lth,leh->lte", c, router).argmax(-1) for c in cached], axis=1)
+        out = []
+        router = np.asarray(router, np.float32)
+        for chunk, (ids, mask) in self._batches(tokenized):
+            real = mask.astype(bool)
+            out.append(np.stack([np.einsum("nh,eh->ne", np.asarray(r)[real], router[layer]).argmax(-1)
+                                 for layer, (_, r) in enumerate(self._run(ids, mask))]))
+        return np.concatenate(out, axis=1)
+
+
+def _prologue(c, embed, ids, mask):
+    """What `Transformer.forward` computes before its first layer (no cache, default positions), plus each
+    row's last real position and the real-token mask [B, T, 1] for the features."""
+    b, t = ids.shape
+    slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    x, cos, sin, masks = prologue(c, embed, ids, slots, slots, mask.astype(bool))
+    last = jnp.maximum(mask.sum(1) - 1, 0)
+    return x, cos, sin, masks, last, mask[:, :, None].astype(jnp.float32)
+
+
+def _layer_step(graphdef, state, x, cos, sin, mask, last, m):
+    """One decoder layer (as `Transformer.forward` calls it without a cache) -> (its output, the float32
+    last-token and mean features of its input and of its normalised MLP input, that MLP input)."""
+    y, _, _, router_input = nnx.merge(graphdef, state)(x, cos, sin, mask)
+    feats = {}
+    for name, h in (("residual", x), ("router_input", router_input)):
+        h = h.astype(jnp.float32)
+        feats[f"{name}/last"] = h[jnp.arange(h.shape[0]), last]
+        feats[f"{name}/mean"] = (h * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+    return y, feats, router_input.astype(jnp.float32)
+
+
+def prompt_states(model: Transformer | PromptEncoder, tokenized: list[list[int]], reduce: str,
+                  gate_input: str = "residual") -> np.ndarray:
+    """Per layer, the mean over prompts of each prompt's last-token ("last") or mean-over-real-tokens
+    ("mean") state: [L, H] float32."""
+    if gate_input not in GATE_INPUTS:
+        raise ValueError(f"gate_input: '{gate_input}' is not one of {', '.join(GATE_INPUTS)}")
+    enc = model if isinstance(model, PromptEncoder) else PromptEncoder(model)
+    return enc.features(tokenized)[f"{gate_input}/{reduce}"].mean(axis=1)
+
+
+def _normalize(v: np.ndarray) -> np.ndarray:
+    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-8)
+
+
+def hidden_gate(model: Transformer | PromptEncoder, tokenizer: Any, positive: Sequence[str], negative: Sequence[str],
+                reduce: str = "last", gate_input: str = "residual") -> np.ndarray:
+    """mergekit hidden / hidden_avg: normalize(mean_pos h_l - mean_neg h_l) per layer, [L, H]."""
+    enc = model if isinstance(model, PromptEncoder) else PromptEncoder(model)
+    v = prompt_states(enc, tokenize_prompts(tokenizer, positive), reduce, gate_input)
+    if negative:
+        v = v - prompt_states(enc, tokenize_prompts(tokenizer, negative), reduce, gate_input)
+    return _normalize(v)
+
+
+def cheap_embed_gate(embed: np.ndarray, tokenizer: Any, positive: Sequence[str], negative: Sequence[str],
+                     num_layers: int) -> np.ndarray:
+    """mergekit cheap_embed: normalised sum of raw embedding rows over all tokens of all prompts
+    (BOS included); with negatives normalize(g_pos - g_neg); the same vector for every layer."""
+    def g(prompts):
+        ids = np.concatenate([np.asarray(s, np.int64) for s in tokenize_prompts(tokenizer, prompts)])
+        return _normalize(embed[ids].astype(np.float32).sum(0))
+
+    v = g(positive)
+    if negative:
+        v = _normalize(v - g(negative))
+    return np.broadcast_to(v, (num_layers, v.shape[0])).copy()
+
+
+def embed_algebra_gates(embed: np.ndarray, tokenizer: Any, experts: Sequence[tuple[Sequence[str], Sequence[str]]],
+                        num_layers: int, rng: np.random.Generator, noise_std: float = 0.02,
+                        scale: float = 5.0) -> np.ndarray:
+    """Gemma-2-MoE concept algebra: m(P) = mean over prompts of the mean embedding of its tokens
+    (special tokens as the tokenizer adds them); v_e = m(pos) - 0.5 m(neg); W = scale * rownorm(V - mean_e V),
+    plus independent N(0, noise_std^2) noise per layer. Returns [L, E, H]."""
+    def m(prompts):
+        return np.mean([embed[np.asarray(tokenizer(p)["input_ids"])].astype(np.float32).mean(0)
+                        for p in prompts], axis=0)
+
+    v = np.stack([m(pos) - 0.5 * m(neg) if neg else m(pos) for pos, neg in experts])
+    w = scale * _normalize(v - v.mean(0, keepdims=True))
+    return (w[None] + rng.normal(0.0, noise_std, (num_layers,) + w.shape)).astype(np.float32)
+
+
+def random_gates(shape: tuple[int, ...], rng: np.random.Generator, uniform: bool) -> np.ndarray:
+    """random: N(0, 1); uniform_random: U(-1/sqrt(H), 1/sqrt(H)) (nn.Linear's default init bound)."""
+    if uniform:
+        bound = 1.0 / np.sqrt(shape[-1])
+        return rng.uniform(-bound, bound, shape).astype(np.float32)
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def gate_condition_numbers(router: np.ndarray) -> np.ndarray:
+    """Per layer, largest / smallest singular value of the [E, H] gate matrix."""
+    s = np.linalg.svd(router.astype(np.float64), compute_uv=False)
+    return s[:, 0] / np.maximum(s[:, -1], 1e-30)
+
+
+def _gates(g: np.ndarray, n_experts: int, has_shared: bool) -> Gates:
+    """Split [L, N, H] gate vectors into routers and the shared expert's gate; warn about degenerate layers."""
+    router = np.ascontiguousarray(g[:, :n_experts])
+    cond = gate_condition_numbers(router)
+    bad = np.nonzero(cond > DEGENERATE_COND)[0]
+    if n_experts > 1 and len(bad):
+        log.warning("degenerate routing parameters in %d of %d layers (condition number up to %.3g > %.0f): "
+                    "your prompts may be too similar", len(bad), g.shape[0], float(cond.max()), DEGENERATE_COND)
+    return Gates(router, np.ascontiguousarray(g[:, n_experts]) if has_shared else None, cond)
+
+
+def random_router(mode: str, num_layers: int, hidden_size: int, num_experts: int, has_shared: bool,
+                  seed: int = 0) -> Gates:
+    """Gates of gate_mode random / uniform_random from the seed alone: no model, no prompts (mergekit draws
+    them for the shared expert too). The same seed gives the same gates as `compute_gates` in that mode."""
+    if mode not in ("random", "uniform_random"):
+        raise ValueError(f"gate_mode '{mode}' is not random or uniform_random")
+    shape = (num_layers, num_experts + int(has_shared), hidden_size)
+    g = random_gates(shape, np.random.default_rng(seed), uniform=mode == "uniform_random")
+    return _gates(g, num_experts, has_shared)
+
+
+def compute_gates(mode: str, experts: Sequence[Any], shared: Any | None, model: Transformer | PromptEncoder,
+                  tokenizer: Any,
+                  seed: int = 0, gate_input: str = "residual",
+                  progress: Callable[[Sequence[Any]], Any] = lambda xs: xs) -> Gates:
+    """Router vectors for `experts` (objects with positive_prompts / negative_prompts) in `mode`, plus the
+    shared expert's gate vector when there is a shared expert."""
+    c = model.config  # a Transformer's or a PromptEncoder's
+    L, H = c.num_layers, c.hidden_size
+    if mode in ("random", "uniform_random"):  # the seed alone: prompts, if any, are not used
+        return random_router(mode, L, H, len(experts), shared is not None, seed)
+    enc = model if isinstance(model, PromptEncoder) else None
+    model = nnx.merge(enc.graphdef, enc.state) if enc else model
+    everyone = list(experts) + ([shared] if shared is not None else [])
+    rng = np.random.default_rng(seed)
+    embed = None
+    if mode in ("cheap_embed", "embed_algebra"):
+        embed = np.asarray(model.embed[...], np.float32)
+    if mode == "embed_algebra":
+        g = embed_algebra_gates(embed, tokenizer, [(e.positive_prompts, e.negative_prompts) for e in everyone], L, rng)
+    else:
+        if mode != "cheap_embed":
+            enc = enc or PromptEncoder(model)
+            # One pass over every distinct prompt first: the forward compiles once per length bucket.
+            enc.features([s for e in everyone for s in tokenize_prompts(
+                tokenizer, list(e.positive_prompts) + list(e.negative_prompts))])
+        vecs = []
+        for e in progress(everyone):
+            if mode == "cheap_embed":
+                vecs.append(cheap_embed_gate(embed, tokenizer, e.positive_prompts, e.negative_prompts, L))
+            else:
+                reduce = "mean" if mode == "hidden_avg" else "last"
+                vecs.append(hidden_gate(enc, tokenizer, e.positive_prompts, e.negative_prompts, reduce, gate_input))
+        g = np.stack(vecs, axis=1)
+    return _gates(g, len(experts), shared is not None)

@@ -1,0 +1,104 @@
+"""README.md model cards for exported models: what the model is, how it was built, how to load it."""
+from __future__ import annotations
+
+from jaxmoe.nn.config import ModelConfig
+
+FAMILY_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gemma": "Gemma", "gemma2": "Gemma 2",
+                "mixtral": "Mixtral", "qwen2_moe": "Qwen2-MoE", "gemma2_moe": "Gemma-2 MoE"}
+
+
+def parameter_count(config: ModelConfig) -> tuple[int, int]:
+    """(total, active per token) parameter counts implied by `config`."""
+    c = config
+    h, d = c.hidden_size, c.head_dim
+    attn = h * d * (2 * c.num_heads + 2 * c.num_kv_heads)
+    if c.qkv_bias:
+        attn += d * (c.num_heads + 2 * c.num_kv_heads)
+    if c.o_bias:
+        attn += h
+    norms = h * (4 if c.sandwich_norms else 2)
+    total = active = c.vocab_size * h * (1 if c.tie_word_embeddings else 2) + h
+    for moe in c.moe_layers:
+        total += attn + norms
+        active += attn + norms
+        if moe and c.num_experts:
+            expert = 3 * h * c.expert_intermediate_size
+            shared = 3 * h * c.shared_expert_intermediate_size + (h if c.shared_expert_intermediate_size else 0)
+            total += h * c.num_experts + c.num_experts * expert + shared
+            active += h * c.num_experts + c.num_experts_per_tok * expert + shared
+        else:
+            total += 3 * h * c.intermediate_size
+            active += 3 * h * c.intermediate_size
+    return total, active
+
+
+def _human(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def _description(config: ModelConfig) -> str:
+    c = config
+    total, active = parameter_count(c)
+    name = FAMILY_NAMES.get(c.model_type, c.model_type)
+    lines = [f"- Architecture: {name} (`model_type` "
+             f"`{'gemma2moe' if c.model_type == 'gemma2_moe' else c.model_type}`), {c.num_layers} layers, "
+             f"hidden size {c.hidden_size}, {c.num_heads} attention heads ({c.num_kv_heads} key/value heads), "
+             f"vocabulary {c.vocab_size}."]
+    if c.is_moe:
+        n_moe = sum(c.moe_layers)
+        lines.append(f"- Mixture of experts: {c.num_experts} experts, top-{c.num_experts_per_tok} routing "
+                     f"({'renormalised' if c.norm_topk_prob else 'not renormalised'} weights) in {n_moe} of "
+                     f"{c.num_layers} layers; expert width {c.expert_intermediate_size}"
+                     + (f", shared expert width {c.shared_expert_intermediate_size}"
+                        if c.shared_expert_intermediate_size else "") + ".")
+        lines.append(f"- Parameters: {_human(total)} total, {_human(active)} active per token.")
+    else:
+        lines.append(f"- Parameters: {_human(total)}.")
+    if c.sliding_window:
+        lines.append(f"- Sliding-window attention ({c.sliding_window} tokens) on "
+                     f"{sum(t == 'sliding' for t in c.layer_types)} of {c.num_layers} layers.")
+    lines.append(f"- Weights: safetensors, {c.dtype}.")
+    return "\n".join(lines)
+
+
+def _usage(config: ModelConfig) -> str:
+    remote = config.model_type == "gemma2_moe"
+    trust = ", trust_remote_code=True" if remote else ""
+    text = ("```python\n"
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            'path = "PATH/TO/THIS/MODEL"  # or its Hub id\n'
+            "tokenizer = AutoTokenizer.from_pretrained(path)\n"
+            f'model = AutoModelForCausalLM.from_pretrained(path, dtype="auto"{trust})\n'
+            'inputs = tokenizer("The capital of France is", return_tensors="pt")\n'
+            "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))\n"
+            "```\n")
+    if remote:
+        text += ("\ntransformers has no built-in Gemma-2 MoE class: `trust_remote_code=True` loads "
+                 "`configuration_gemma2moe.py` and `modeling_gemma2moe.py` from this directory (read them first; "
+                 "they import only torch and transformers).\n")
+    text += ("\nWith jaxmoe (JAX/Flax):\n\n```python\nimport converters\n\n"
+             'model = converters.load("PATH/TO/THIS/MODEL")\n'
+             "logits = model(input_ids)  # int32 [batch, tokens] -> [batch, tokens, vocab]\n```\n")
+    return text
+
+
+def model_card(config: ModelConfig, recipe_text: str | None = None, routing_table: str | None = None) -> str:
+    """Markdown README for a model directory: description, recipe YAML, routing table, loading snippet."""
+    tags = ["jaxmoe", "safetensors"] + (["moe", "frankenmoe"] if config.is_moe else [])
+    front = "---\nlibrary_name: transformers\ntags:\n" + "".join(f"- {t}\n" for t in tags) + "---\n\n"
+    kind = "mixture-of-experts" if config.is_moe else "dense"
+    parts = [front, f"# {FAMILY_NAMES.get(config.model_type, config.model_type)} {kind} model\n\n",
+             "Written by jaxmoe (JAX/Flax)"
+             + (" from a mergekit-style MoE recipe: the experts are MLPs of dense models, the routers were "
+                "computed from prompts." if recipe_text else ".") + "\n\n",
+             _description(config), "\n\n"]
+    if recipe_text:
+        parts += ["## Recipe\n\n```yaml\n", recipe_text.rstrip("\n"), "\n```\n\n"]
+    if routing_table:
+        parts += ["## Routing\n\nShare of tokens whose top-1 expert is each column, for the prompts of each "
+                  "expert (row), averaged over layers:\n\n", routing_table.rstrip("\n"), "\n\n"]
+    parts += ["## Usage\n\n", _usage(config)]
+    return "".join(parts)
