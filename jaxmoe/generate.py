@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import sys
 import time
 import types
@@ -23,11 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxmoe.parallel import sharding
+from jaxmoe.parallel.mesh import use_mesh
+from jaxmoe.parallel.placement import placed_mesh, replicate, shard_batch, shard_cache
 from jaxmoe.memory import release_memory
-from jaxmoe.nn.model import KVCache
-from jaxmoe.nn.moe import expert_slices
-from jaxmoe.sampling import SamplingConfig, sample, sampling_config
+from jaxmoe.kernels.cpu import aliased_slices
+from jaxmoe.layerwise import LayerwiseStep
+from jaxmoe.nn.model import KVCache, Transformer, unstack_layers
+from jaxmoe.sampling import SamplingConfig, next_token, sampling_config
 
 _COMPILES: collections.Counter = collections.Counter()
 _EXECUTABLES: collections.OrderedDict = collections.OrderedDict()
@@ -97,34 +100,34 @@ def _merge(graphdef, treedef, leaves):
     return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
 
 
-def _prefill(graphdef, treedef, leaves, ids, positions, mask, *, length: int, mesh) -> KVCache:
-    """Fill a fresh `length`-slot cache with the prompt; the logits are unused, so XLA drops them."""
-    _COMPILES["prefill"] += 1  # runs only while tracing, i.e. once per compile
+def _prefill(graphdef, treedef, leaves, ids, positions, mask, *, length: int, mesh, per_layer: bool) -> KVCache:
+    """Fill a fresh `length`-slot cache with the prompt; the logits are unused, so XLA drops them. The
+    layers run scanned; `per_layer` hands the cache on as one array per layer (for an unrolled decode)."""
     model = _merge(graphdef, treedef, leaves)
     cache = KVCache.empty(model.config, ids.shape[0], length, jnp.dtype(model.config.dtype))
     if mesh is not None:
-        cache = sharding.shard_cache(cache, mesh)
+        cache = shard_cache(cache, mesh, model.config)
     # The prompt attends only to itself (fresh cache): no attention to the empty slots after it.
     cache = model.forward(ids, positions, mask, cache, fresh_cache=True).cache
-    return cache if mesh is None else sharding.shard_cache(cache, mesh)
+    if per_layer:
+        cache = cache._replace(k=tuple(a[j] for a in cache.k for j in range(a.shape[0])),
+                               v=tuple(a[j] for a in cache.v for j in range(a.shape[0])))
+    return cache if mesh is None else shard_cache(cache, mesh, model.config)
 
 
 def _decode(graphdef, treedef, leaves, cache, token, position, done, key, step, temperature, top_p, eos, pad,
             *, sampling: SamplingConfig, return_logits: bool, mesh):
     """One token per row: write `token` at `position` into the cache, pick the next token."""
-    _COMPILES["decode"] += 1
     model = _merge(graphdef, treedef, leaves)
     out = model.forward(token[:, None], position[:, None], None, cache)
     logits = out.logits[:, -1].astype(jnp.float32)
-    nxt = sample(logits, jax.random.fold_in(key, step), sampling, temperature, top_p)
-    nxt = jnp.where(done, pad, nxt)  # finished rows keep emitting pad
-    done = done | jnp.any(nxt[:, None] == eos[None, :], axis=-1)
+    nxt, done = next_token(logits, done, key, step, temperature, top_p, eos, pad, sampling)
     cache = out.cache
     if mesh is not None:
         # The [B] outputs come back replicated so every host can read them and feed them back unchanged.
-        nxt, done = sharding.replicate(nxt, mesh), sharding.replicate(done, mesh)
-        cache = sharding.shard_cache(cache, mesh)
-        logits = sharding.replicate(logits, mesh) if return_logits else logits
+        nxt, done = replicate(nxt, mesh), replicate(done, mesh)
+        cache = shard_cache(cache, mesh, model.config)
+        logits = replicate(logits, mesh) if return_logits else logits
     return nxt, position + 1, done, step + 1, cache, (logits if return_logits else None)
 
 
@@ -142,15 +145,33 @@ def _executable(kind: str, fn: Callable, static: dict, args: tuple,
     if exe is not None:
         _EXECUTABLES.move_to_end(key)
         return exe, 0.0, 0.0
+    if kind in ("prefill", "decode"):  # a layer-by-layer decode step counts once: its "decode" head program
+        _COMPILES[kind] += 1
     t0 = time.perf_counter()
     jitted = jax.jit(fn, static_argnums=(0, 1), static_argnames=tuple(static), donate_argnums=donate)
-    lowered = jitted.lower(*args, **static)
+    with use_mesh(static.get("mesh")):  # tracing needs the context mesh; compiled programs run without it
+        lowered = jitted.lower(*args, **static)
     t1 = time.perf_counter()
     exe = lowered.compile()
     _EXECUTABLES[key] = exe
     if len(_EXECUTABLES) > _MAX_EXECUTABLES:
         _EXECUTABLES.popitem(last=False)
     return exe, t1 - t0, time.perf_counter() - t1
+
+
+def unrolled_decoder(model: Transformer) -> Transformer:
+    """The model as the CPU decode step runs it: layers unrolled over per-layer arrays that alias the stacked
+    parameters (no copy), MoE expert weights as one aliasing array per expert. XLA:CPU copies a slice of a
+    stacked array before every matmul that reads it, which in a scanned decode step means copying every weight
+    once per token (measured in benchmarks/README.md); separate arrays it reads in place."""
+    def split(name: str, stacked: jax.Array) -> list:
+        layers = aliased_slices(stacked) or tuple(stacked[j] for j in range(stacked.shape[0]))
+        if name.startswith("mlp.") and name.split(".")[-1] in ("gate_proj", "up_proj", "down_proj") \
+                and stacked.ndim == 4:  # a MoE block's [L, E, ., .] expert weights
+            return [aliased_slices(w) or w for w in layers]
+        return list(layers)
+
+    return unstack_layers(model, split)
 
 
 # ---- input checks -----------------------------------------------------------------------------------
@@ -203,8 +224,10 @@ def generate_full(model, input_ids, max_new_tokens: int, temperature: float = 0.
                   top_p: float | None = None, key: jax.Array | None = None,
                   eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
                   attention_mask=None, stream: Callable[[np.ndarray], Any] | None = None, bucket: int = 64,
-                  return_logits: bool = False) -> GenerationResult:
-    """`generate` with timings and, when `return_logits`, the float32 logits of every step."""
+                  return_logits: bool = False, layerwise: bool | None = None) -> GenerationResult:
+    """`generate` with timings and, when `return_logits`, the float32 logits of every step. layerwise: run
+    each decode step layer by layer (`jaxmoe.layerwise`) or as one scanned program; None picks layer by layer
+    on a single CPU device, scanned elsewhere (both give the same tokens)."""
     config = model.config
     ids, mask = _check_inputs(config, input_ids, attention_mask, max_new_tokens)
     eos = _eos_ids(config, eos_token_id)
@@ -232,36 +255,47 @@ def generate_full(model, input_ids, max_new_tokens: int, temperature: float = 0.
     positions = np.maximum(np.cumsum(mask_p, axis=1) - 1, 0).astype(np.int32)
     length = _round_up(p + max_new_tokens - 1, bucket)
 
-    mesh = sharding.model_mesh(model)
-    # On CPU (unsharded) the MoE blocks' expert weights also go in as one aliasing array per expert (no
-    # copy): the decode step then reads the chosen experts in place instead of copying their slices.
-    with expert_slices(model):
-        graphdef, state = nnx.split(model)
+    mesh = placed_mesh(model)
+    graphdef, state = nnx.split(model)
     leaves, treedef = jax.tree.flatten(state)
+    # CPU (one device): the decode step runs layer by layer over zero-copy per-layer views (jaxmoe.layerwise).
+    if layerwise is None:
+        layerwise = mesh is None and jax.default_backend() == "cpu"
+    elif layerwise and mesh is not None:
+        raise ValueError("layerwise decoding runs on one device; this model is placed on a mesh")
+    decoder = unrolled_decoder(model) if layerwise else None
     # Under a mesh the prompt is split over the batch axes and the small per-row values are replicated.
-    batched = (lambda x: sharding.shard_batch(x, mesh)) if mesh is not None else jnp.asarray
-    small = (lambda x: sharding.replicate(jnp.asarray(x), mesh)) if mesh is not None else jnp.asarray
+    batched = (lambda x: shard_batch(x, mesh)) if mesh is not None else jnp.asarray
+    small = (lambda x: replicate(jnp.asarray(x), mesh)) if mesh is not None else jnp.asarray
     prefill_args = (graphdef, treedef, leaves, batched(ids_p[:, :-1]), batched(positions[:, :-1]),
                     batched(mask_p[:, :-1]))
-    prefill, tr1, c1 = _executable("prefill", _prefill, {"length": length, "mesh": mesh}, prefill_args)
-    cache_aval = jax.eval_shape(lambda: KVCache.empty(config, b, length, jnp.dtype(config.dtype)))
+    prefill, tr1, c1 = _executable("prefill", _prefill, {"length": length, "mesh": mesh,
+                                                        "per_layer": decoder is not None}, prefill_args)
+    cache_aval = jax.eval_shape(lambda: KVCache.empty(config, b, length, jnp.dtype(config.dtype),
+                                                      per_layer=decoder is not None))
     if mesh is not None:
-        cache_aval = sharding.shard_cache(cache_aval, mesh)
+        cache_aval = shard_cache(cache_aval, mesh, config)
     scalars = tuple(small(x) for x in (np.float32(temperature if temperature > 0 else 1.0),
                                        np.float32(1.0 if top_p is None else top_p), eos, np.int32(pad_token_id)))
     token, position, done = small(ids_p[:, -1]), small(positions[:, -1]), small(np.zeros((b,), bool))
     key = small(key)
     step0 = small(np.int32(0))
-    decode_args = (graphdef, treedef, leaves, cache_aval, token, position, done, key, step0, *scalars)
-    decode, tr2, c2 = _executable("decode", _decode, {"sampling": scfg, "return_logits": return_logits, "mesh": mesh},
-                             decode_args, donate=(3,))
+    if decoder is None:
+        decode_args = (graphdef, treedef, leaves, cache_aval, token, position, done, key, step0, *scalars)
+        exe, tr2, c2 = _executable("decode", _decode, {"sampling": scfg, "return_logits": return_logits,
+                                                       "mesh": mesh}, decode_args, donate=(3,))
+        decode = functools.partial(exe, leaves)
+    else:
+        decode = LayerwiseStep(decoder, cache_aval, token, position, done, key, step0, scalars, _executable, scfg,
+                               return_logits)
+        tr2, c2 = decode.trace_s, decode.compile_s
     compiles = int(tr1 + c1 > 0) + int(tr2 + c2 > 0)
 
     new = np.full((b, max_new_tokens), pad_token_id, np.int32)
     step_logits = []
     t0 = time.perf_counter()
     cache = prefill(leaves, *prefill_args[3:])
-    pending = decode(leaves, cache, token, position, done, key, step0, *scalars)
+    pending = decode(cache, token, position, done, key, step0, *scalars)
     t_first = t0
     steps = 0
     while True:
@@ -269,7 +303,7 @@ def generate_full(model, input_ids, max_new_tokens: int, temperature: float = 0.
         # Dispatch the next step before waiting on this one, so host work overlaps device work.
         nxt = None
         if steps + 1 < max_new_tokens:
-            nxt = decode(leaves, cache, tok, position, done, key, step, *scalars)
+            nxt = decode(cache, tok, position, done, key, step, *scalars)
         host_tok = np.asarray(tok)
         if steps == 0:
             t_first = time.perf_counter()

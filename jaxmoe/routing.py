@@ -12,7 +12,8 @@ import numpy as np
 from flax import nnx
 
 from jaxmoe.nn.model import Transformer
-from jaxmoe.nn.moe import top_k_routing
+from jaxmoe.nn.moe import MoEBlock
+from jaxmoe.nn.router import top_k_routing
 
 
 @dataclass
@@ -43,12 +44,15 @@ def _moe_impl(model: Transformer, impl: str | None) -> Iterator[None]:
     if impl is None:
         yield
         return
-    previous = next(layer.mlp.impl for layer in model.layers if layer.is_moe)
+    blocks = [m for _, m in nnx.iter_graph(model) if isinstance(m, MoEBlock)]
+    previous = [(b.impl, b.dispatch, b.capacity_factor) for b in blocks]
     model.set_moe_impl(impl)
     try:
         yield
     finally:
-        model.set_moe_impl(previous)
+        for block, (name, dispatch, capacity_factor) in zip(blocks, previous):
+            options = dict(dispatch=dispatch, capacity_factor=capacity_factor) if name == "expert_parallel" else {}
+            block.set_impl(name, **options)
 
 
 def route_prompts(model: Transformer, token_ids: Sequence[Sequence[int]], bucket: int = 32,

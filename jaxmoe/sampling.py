@@ -68,3 +68,13 @@ def sample(logits: jax.Array, key: jax.Array, cfg: SamplingConfig, temperature: 
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     filtered = filter_logits(logits, cfg, temperature, top_p)
     return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+
+
+def next_token(logits: jax.Array, done: jax.Array, key: jax.Array, step: jax.Array, temperature: jax.Array,
+               top_p: jax.Array, eos: jax.Array, pad: jax.Array, config: SamplingConfig
+               ) -> tuple[jax.Array, jax.Array]:
+    """One decode step's tokens [B] from float32 logits [B, V] (drawn with `fold_in(key, step)`) and the
+    updated done flags: a finished row emits `pad`; a row that emits one of `eos` is done."""
+    nxt = sample(logits, jax.random.fold_in(key, step), config, temperature, top_p)
+    nxt = jnp.where(done, pad, nxt)
+    return nxt, done | jnp.any(nxt[:, None] == eos[None, :], axis=-1)

@@ -9,7 +9,8 @@ from typing import Callable
 
 import numpy as np
 
-from converters.hf.safetensors_io import CheckpointReader, write_safetensors
+from converters.hf.safetensors_io import CheckpointReader
+from converters.hf.safetensors_writer import write_safetensors
 
 
 def rewrite(src: Path, dst: Path, tensors: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],

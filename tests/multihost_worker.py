@@ -35,7 +35,8 @@ def _restore_orbax(orbax_dir: str, spec: str, reference: dict) -> tuple:
     import numpy as np
     from flax import nnx
 
-    from jaxmoe.train.checkpoint import flat_params, load_orbax_model
+    from converters.load import load_orbax_model
+    from jaxmoe.train.checkpoint import flat_params
 
     r0, t0 = _rchar(), _ts_bytes()
     model = load_orbax_model(orbax_dir, mesh=spec)
@@ -57,31 +58,38 @@ def main(argv: list[str]) -> None:
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     import jax
 
-    from jaxmoe.parallel import sharding
+    from jaxmoe.parallel.mesh import initialize_distributed, main_print, make_mesh
 
-    sharding.initialize_distributed(f"127.0.0.1:{port}", nproc, pid)
+    initialize_distributed(f"127.0.0.1:{port}", nproc, pid)
     import numpy as np
     from flax import nnx
 
-    from converters.hf.reader import read_config
+    from converters.hf.reader import HFParams, read_config
     from converters.hf.safetensors_io import CheckpointReader
-    from converters.hf.sharded import model_from_tensors_sharded, save_hf_sharded
+    from converters.hf.sharded import save_hf_sharded
+    from converters.load import materialize
     from jaxmoe.generate import generate
+    from jaxmoe.nn.model import param_slots
+    from jaxmoe.parallel.placement import replicate_sharding, shard_batch
 
-    mesh = sharding.make_mesh(spec)
+    mesh = make_mesh(spec)
     reader = CheckpointReader(model_dir)
-    model = model_from_tensors_sharded(read_config(model_dir), reader, model_dir, mesh)
+    config = read_config(model_dir)
+    model = materialize(config, HFParams(config, reader, model_dir), config.dtype, mesh)
     total = sum(int(np.prod(reader.shape(k))) * reader.dtype(k).itemsize for k in reader.keys())
     expert_total = sum(int(np.prod(reader.shape(k))) * reader.dtype(k).itemsize for k in reader.keys()
                        if ".experts." in k)
     bytes_read = reader.bytes_read
-    gate = model.layers[0].mlp.gate_proj[...]
-    local_experts = sorted({s.index[0].start for s in gate.addressable_shards})
+    slot = param_slots(model)["layers.0.mlp.gate_proj"]  # [E, H, I], or [L, E, H, I] in a layer stack
+    arrays = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    gate = arrays[slot.path]
+    local_experts = sorted({s.index[len(slot.index)].start for s in gate.addressable_shards})
 
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 12)).astype(np.int32)
     graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x), out_shardings=sharding.replicate_sharding(mesh))
-    logits = np.asarray(forward(state, sharding.shard_batch(ids, mesh)))
+    forward = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x), out_shardings=replicate_sharding(mesh))
+    with jax.set_mesh(mesh):  # the context mesh of the model's constraints and expert-parallel blocks
+        logits = np.asarray(forward(state, shard_batch(ids, mesh)))
     tokens = generate(model, ids, 6, eos_token_id=())
     save_hf_sharded(model, os.path.join(out, "export"), progress=False)
 
@@ -94,12 +102,13 @@ def main(argv: list[str]) -> None:
         ograph, ostate = nnx.split(omodel)
         assert ograph == graphdef  # same structure and expert-parallel settings: the compiled forward is reused
         result["orbax"]["tokens"] = np.asarray(generate(omodel, ids, 6, eos_token_id=())).tolist()
-        np.save(os.path.join(out, f"orbax-logits-{pid}.npy"), np.asarray(forward(ostate, sharding.shard_batch(ids, mesh))))
+        with jax.set_mesh(mesh):
+            np.save(os.path.join(out, f"orbax-logits-{pid}.npy"), np.asarray(forward(ostate, shard_batch(ids, mesh))))
         result["orbax_fsdp"] = _restore_orbax(rest[0], "fsdp=8", reference)[1]
     np.save(os.path.join(out, f"logits-{pid}.npy"), logits)
     with open(os.path.join(out, f"result-{pid}.json"), "w") as f:
         json.dump(result, f)
-    sharding.main_print(f"process 0 of {nproc}: done")
+    main_print(f"process 0 of {nproc}: done")
     jax.distributed.shutdown()
 
 

@@ -141,6 +141,7 @@ def test_interrupted_build_leaves_no_out_dir(sources, tmp_path, monkeypatch, whe
     """Interrupted while the export thread copies tensors file to file, while it computes noisy experts, or
     in the main thread (gates) while the export runs: no OUT_DIR and no temporary directory is left."""
     import converters.moe.build as build
+    import converters.moe.tensors as tensors
     from converters.hf.planned_writer import PlannedWriter
 
     base = sources["mistral"][0]
@@ -161,7 +162,7 @@ def test_interrupted_build_leaves_no_out_dir(sources, tmp_path, monkeypatch, whe
         spec = yaml.safe_load(recipe.read_text())
         spec["experts"][1]["noise_scale"] = 0.01
         recipe.write_text(yaml.safe_dump(spec))
-        monkeypatch.setattr(build.ExpertMLPs, "get", after(2, build.ExpertMLPs.get))
+        monkeypatch.setattr(tensors.ExpertMLPs, "get", after(2, tensors.ExpertMLPs.get))
     else:
         monkeypatch.setattr(build, "compute_gates", after(0, build.compute_gates))
     with pytest.raises(KeyboardInterrupt):
@@ -196,7 +197,7 @@ def test_copied_tensors_equal_the_arithmetic_path(sources, tmp_path, monkeypatch
     monkeypatch.setattr(PlannedWriter, "copy", lambda self, name, pieces: (copied.append(name),
                                                                            real_copy(self, name, pieces)))
     build_moe(recipe, tmp_path / "copied", layout=layout, dtype=dtype, progress=False, max_shard_bytes=60_000)
-    monkeypatch.setattr(build, "_raw_getter", lambda *args: lambda rule, shape: None)
+    monkeypatch.setattr(build, "raw_getter", lambda *args: lambda rule, shape: None)
     n = len(copied)
     build_moe(recipe, tmp_path / "computed", layout=layout, dtype=dtype, progress=False, max_shard_bytes=60_000)
     assert len(copied) == n and any("embed" in c for c in copied) and any("experts" in c for c in copied)

@@ -14,9 +14,13 @@ import tensorstore as ts
 from flax import nnx
 
 import converters
-from jaxmoe.parallel import sharding
+from jaxmoe.parallel.mesh import parse_mesh_spec, use_mesh
+from jaxmoe.parallel.placement import param_shardings, placed_mesh, shard_batch
+from jaxmoe.parallel.rules import MeshError, axis_size
+from converters.load import load_orbax_model
+from jaxmoe.nn.model import param_slots
 from jaxmoe.train.checkpoint import (CHUNK_BYTES, CheckpointCorrupt, Checkpointer, config_to_json, flat_params,
-                               load_orbax_model, save_frozen, save_orbax_model)
+                                     save_frozen, save_orbax_model)
 
 IDS = np.random.default_rng(0).integers(0, 128, (2, 12)).astype(np.int32)
 
@@ -32,30 +36,36 @@ def orbax_mixtral(tiny_hf, tmp_path_factory):
 
 def _forward(model, ids, mesh=None):
     graphdef, state = nnx.split(model)
-    ids = ids if mesh is None else sharding.shard_batch(ids, mesh)
+    ids = ids if mesh is None else shard_batch(ids, mesh)
     # Unoptimised XLA code: the same numbers within float32 noise, compiled in about half the time.
-    lowered = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x)).lower(state, ids)
+    with use_mesh(mesh):
+        lowered = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x)).lower(state, ids)
     return lowered.compile(compiler_options={"xla_backend_optimization_level": 0})(state, ids)
 
 
 @pytest.mark.parametrize("spec", ["expert=4,data=2", "fsdp=8"])
 def test_orbax_checkpoint_loads_sharded_with_single_device_logits(orbax_mixtral, spec):
     path, ref_model, ref_logits = orbax_mixtral
-    model = converters.load(path, mesh=spec)  # an orbax dir goes to jaxmoe.train.checkpoint_sharded
-    mesh = model.mesh
-    assert dict(mesh.shape) == sharding.parse_mesh_spec(spec)
-    n = math.prod(sharding.axis_size(mesh, a) for a in ("expert", "fsdp", "tensor"))
+    model = converters.load(path, mesh=spec)  # an orbax dir: read by jaxmoe.train.checkpoint_sharded
+    mesh = placed_mesh(model)
+    assert dict(mesh.shape) == parse_mesh_spec(spec)
+    n = math.prod(axis_size(mesh, a) for a in ("expert", "fsdp", "tensor"))
     assert n in (4, 8)
     ref = flat_params(nnx.state(ref_model))
-    experts = 0
-    for key, arr in flat_params(nnx.state(model)).items():
-        assert arr.sharding == sharding.param_shardings(model, mesh)[key], key
+    arrays = flat_params(nnx.state(model))
+    for key, arr in arrays.items():
+        assert arr.sharding == param_shardings(model, mesh)[key], key
         assert np.array_equal(np.asarray(arr), np.asarray(ref[key])), key
-        if key.endswith(("gate_proj", "up_proj", "down_proj")) and ".mlp." in key and arr.ndim == 3:
+    experts = 0
+    for name, slot in param_slots(model).items():  # by logical name: a stacked array holds several layers' tensors
+        arr, lead = arrays[slot.path], len(slot.index)
+        if name.endswith(("gate_proj", "up_proj", "down_proj")) and ".mlp." in name and arr.ndim - lead == 3:
             experts += 1
             shards = arr.addressable_shards  # each device holds 1/n of each expert tensor, n distinct pieces
-            assert len(shards) == 8 and all(s.data.size * n == arr.size for s in shards), key
-            assert len({tuple((sl.start, sl.stop) for sl in s.index) for s in shards}) == n, key
+            assert len(shards) == 8 and all(s.data.shape[:lead] == arr.shape[:lead] and  # every layer's part
+                                            math.prod(s.data.shape[lead:]) * n == math.prod(arr.shape[lead:])
+                                            for s in shards), name
+            assert len({tuple((sl.start, sl.stop) for sl in s.index[lead:]) for s in shards}) == n, name
     assert experts == 3 * sum(model.config.moe_layers) > 0
     logits = np.asarray(_forward(model, IDS, mesh))
     assert np.abs(logits - ref_logits).max() <= 1e-5
@@ -102,10 +112,12 @@ def test_training_run_with_frozen_dir_and_float32_master_loads_sharded(orbax_mix
                                      "param_groups": {"frozen": sorted(frozen), "trainable": sorted(trainable)},
                                      "dtypes": {"frozen": "bfloat16", "trainable": "float32"}})
     ckpt.close()
-    assert _chunk_shape(run / "frozen", "layers.0.mlp.gate_proj")[1][0] == 1  # one expert per chunk here too
+    # A run stores its own parameter arrays (stacked layers: state paths); one expert per chunk here too.
+    gate = param_slots(model)["layers.0.mlp.gate_proj"]
+    assert _chunk_shape(run / "frozen", gate.path)[1][len(gate.index)] == 1
     one = flat_params(nnx.state(load_orbax_model(run)))
     sharded = load_orbax_model(run, mesh="expert=4,data=2")
-    assert sharded.config.dtype == "bfloat16" and sum(k.endswith("mlp.router") for k in one) == 3
+    assert sharded.config.dtype == "bfloat16" and sum(k.endswith("mlp.router") for k in param_slots(sharded)) == 3
     for key, arr in flat_params(nnx.state(sharded)).items():
         assert arr.dtype == jnp.bfloat16 and np.array_equal(np.asarray(arr), np.asarray(one[key])), key
         if key.endswith("mlp.router"):
@@ -119,9 +131,9 @@ def test_bad_mesh_and_damaged_checkpoints_fail_in_one_line(orbax_mixtral, tmp_pa
     for data in (broken / "0" / "params").rglob("d"):
         shutil.rmtree(data)  # the array data files (OCDBT) are gone, the metadata is left
     # The mesh is checked against the checkpoint's config before any array is read.
-    with pytest.raises(sharding.MeshError, match=r"^mesh expert=8 does not divide 4 experts$"):
+    with pytest.raises(MeshError, match=r"^mesh expert=8 does not divide 4 experts$"):
         converters.load(broken, mesh="expert=8")
-    with pytest.raises(sharding.MeshError, match=r"^mesh tensor=8 does not divide 4 attention heads$"):
+    with pytest.raises(MeshError, match=r"^mesh tensor=8 does not divide 4 attention heads$"):
         load_orbax_model(broken, mesh="tensor=8")
     for mesh in ("expert=4,data=2", None):
         with pytest.raises(CheckpointCorrupt) as e:

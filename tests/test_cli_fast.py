@@ -80,7 +80,7 @@ def test_import_jaxmoe_is_lazy():
             assert "no_such_name" in str(e)
         else:
             raise AssertionError("jaxmoe.no_such_name resolved")
-        from jaxmoe.parallel import sharding  # submodules still import as usual
+        from jaxmoe.parallel import placement  # submodules still import as usual
         print("ok")
     """)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr

@@ -6,7 +6,7 @@ import numpy as np
 
 import converters
 from converters.hf.safetensors_io import CheckpointReader
-from jaxmoe.train.checkpoint import load_orbax_model
+from converters.load import load_orbax_model
 from jaxmoe.cli import main as cli
 
 

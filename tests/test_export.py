@@ -21,8 +21,8 @@ from converters.moe.model_card import model_card, parameter_count
 from converters.hf.safetensors_io import CheckpointReader
 from jaxmoe.cli import main as cli_main
 from jaxmoe.cli.convert import parse_size
+from converters.hf.config import config_from_hf, config_to_hf, read_config_json
 from jaxmoe.nn.config import ConfigError, ModelConfig
-from converters.hf.config_export import config_to_hf
 from tests.tiny_models import BASE, TINY, hf_logits, load_hf_model
 from tests.tiny_tokenizer import make_tokenizer
 
@@ -74,8 +74,8 @@ def _check_transformers_on_fused(out: Path, ids: np.ndarray, want: list[np.ndarr
 
 
 def _variants() -> dict[str, ModelConfig]:
-    out = {name: ModelConfig.from_hf(cls(**{**BASE, **extra}).to_dict()) for name, (cls, extra) in TINY.items()}
-    out["llama_rope3"] = ModelConfig.from_hf(tf.LlamaConfig(**BASE, rope_parameters=dict(
+    out = {name: config_from_hf(cls(**{**BASE, **extra}).to_dict()) for name, (cls, extra) in TINY.items()}
+    out["llama_rope3"] = config_from_hf(tf.LlamaConfig(**BASE, rope_parameters=dict(
         rope_type="llama3", rope_theta=5e5, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
         original_max_position_embeddings=64)).to_dict())
     out["llama_eos_list"] = out["llama"].replace(eos_token_id=(2, 7), pad_token_id=0, dtype="bfloat16")
@@ -90,7 +90,7 @@ def _variants() -> dict[str, ModelConfig]:
 def test_config_round_trip_and_transformers_accepts_it(name, tmp_path):
     c = _variants()[name]
     d = config_to_hf(c)
-    assert ModelConfig.from_hf(json.loads(json.dumps(d))) == c
+    assert config_from_hf(json.loads(json.dumps(d))) == c
     assert d["dtype"] == d["torch_dtype"] == c.dtype
     assert d["rope_theta"] == d["rope_parameters"]["rope_theta"] == c.rope_theta
     assert ("rope_scaling" in d) == bool(c.rope_scaling)
@@ -145,7 +145,7 @@ def test_hf_jaxmoe_hf_is_bit_identical(name, dtype, tiny_hf, bf16_src, tmp_path)
     assert model.config.dtype == dtype
     out = save_hf(model, tmp_path / "out", progress=False)
     _assert_same_tensors(src, out)
-    assert ModelConfig.from_file(out) == model.config
+    assert read_config_json(out) == model.config
     want = json.loads((src / "generation_config.json").read_text())
     got = json.loads((out / "generation_config.json").read_text())
     assert {k: want.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")} == {

@@ -112,7 +112,7 @@ def test_fresh_cache_prefill_equals_full_cache_attention(tiny_hf, name):
     assert int(outs[0].cache.index) == int(outs[1].cache.index) == ids.shape[1]
     kv = model.config.num_kv_heads
     for i in range(2):  # keys, then values; per layer [B, kv, S, d] -> [L, B, S, kv, d], the prompt's real slots
-        a, b = (np.stack([o.cache.layer(n, kv)[i] for n in range(model.config.num_layers)])
+        a, b = (np.stack([o.cache.layer(n, model.config)[i] for n in range(model.config.num_layers)])
                 .transpose(0, 1, 3, 2, 4)[:, :, :ids.shape[1]][:, real] for o in outs)
         assert np.abs(a - b).max() <= 1e-5 and np.abs(a).max() > 0.1
 

@@ -12,7 +12,7 @@ import torch
 
 import converters
 from converters.errors import CheckpointError
-from jaxmoe import ModelConfig
+from converters.hf.config import config_from_hf
 from tests.ckpt_edit import rewrite
 from tests.tiny_models import hf_logits
 
@@ -79,13 +79,13 @@ def test_config_v4_and_v5_spellings_read_the_same():
           "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0}
     v4 = {k: v for k, v in v5.items() if k not in ("dtype", "rope_parameters", "hidden_activation")}
     v4.update(torch_dtype="bfloat16", rope_theta=5000.0, hidden_activation="gelu_pytorch_tanh")
-    a, b = ModelConfig.from_hf(v5), ModelConfig.from_hf(v4)
+    a, b = config_from_hf(v5), config_from_hf(v4)
     assert a == b
     # hidden_activation wins over hidden_act for Gemma; explicit head_dim and layer_types are honoured.
     assert (a.dtype, a.rope_theta, a.activation, a.head_dim) == ("bfloat16", 5000.0, "gelu_tanh", 6)
     assert a.layer_types == ("full", "sliding") and a.attn_scale == 5 ** -0.5
-    llama = ModelConfig.from_hf({"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
-                                 "num_hidden_layers": 1, "num_attention_heads": 2, "torch_dtype": "float16"})
+    llama = config_from_hf({"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+                            "num_hidden_layers": 1, "num_attention_heads": 2, "torch_dtype": "float16"})
     assert (llama.num_kv_heads, llama.head_dim, llama.dtype, llama.activation) == (2, 4, "float16", "silu")
     assert llama.rope_theta == 10000.0
 

@@ -34,6 +34,11 @@ def _np(t) -> np.ndarray:
     return np.asarray(t.detach().float().numpy() if isinstance(t, torch.Tensor) else t, np.float32)
 
 
+def _layers(model) -> list:
+    """Our decoder layers one by one (sliced out of the scanned stacks)."""
+    return [model.layer(i) for i in range(model.config.num_layers)]
+
+
 def _mlp(layer):
     """transformers' feed-forward module of a decoder layer (Mixtral in 4.x: block_sparse_moe)."""
     return layer.block_sparse_moe if hasattr(layer, "block_sparse_moe") else layer.mlp
@@ -99,7 +104,7 @@ def test_embedding(tiny_hf, name):
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_attention_per_layer(tiny_hf, name):
     t = _trace(tiny_hf, name)
-    for i, layer in enumerate(t["model"].layers):
+    for i, layer in enumerate(_layers(t["model"])):
         h, _ = layer.attn(jnp.asarray(_np(t["rec"]["attn_in"][i])), *t["rope"], t["masks"][i])
         _check(name, f"layer {i} attention ({t['model'].config.layer_types[i]})", h, t["rec"]["attn_out"][i])
 
@@ -109,11 +114,11 @@ def test_decoder_layer_on_transformers_hidden_states(tiny_hf, name):
     """Layer i runs on transformers' hidden_states[i]; its output is hidden_states[i+1], except after the last
     layer, where transformers' last entry already has the final norm applied (compared in the head test)."""
     t = _trace(tiny_hf, name)
-    hidden, outs, n = t["hidden"], t["rec"]["layer_out"], len(t["model"].layers)
+    hidden, outs, n = t["hidden"], t["rec"]["layer_out"], t["model"].config.num_layers
     assert len(hidden) == n + 1 and len(outs) == n
     for i in range(n - 1):
         assert torch.equal(hidden[i + 1], outs[i]), (name, i)  # the recorded layer outputs are hidden_states
-    for i, layer in enumerate(t["model"].layers):
+    for i, layer in enumerate(_layers(t["model"])):
         y, _, _, _ = layer(jnp.asarray(_np(hidden[i])), *t["rope"], t["masks"][i])
         _check(name, f"decoder layer {i} ({t['model'].config.layer_types[i]})", y, outs[i])
 
@@ -123,7 +128,7 @@ def test_mlp_and_moe_blocks(tiny_hf, name):
     """Each layer's MLP, or MoE block with its router logits, alone on transformers' normalised input."""
     t = _trace(tiny_hf, name)
     moe = 0
-    for i, (ours, theirs) in enumerate(zip(t["model"].layers, t["hf"].model.layers)):
+    for i, (ours, theirs) in enumerate(zip(_layers(t["model"]), t["hf"].model.layers)):
         x = t["rec"]["mlp_in"][i]
         with torch.no_grad():
             ref = _first(_mlp(theirs)(x))
@@ -145,7 +150,7 @@ def test_final_norm_and_head(tiny_hf, name):
     transformers' logits (Gemma 2's final soft-cap included)."""
     t = _trace(tiny_hf, name)
     model, c = t["model"], t["model"].config
-    normed = model.final_norm(jnp.asarray(_np(t["rec"]["layer_out"][len(model.layers) - 1])))
+    normed = model.final_norm(jnp.asarray(_np(t["rec"]["layer_out"][model.config.num_layers - 1])))
     _check(name, "final norm", normed, t["hidden"][-1])
     head = model.embed[...].T if c.tie_word_embeddings else model.lm_head[...]
     logits = normed @ head

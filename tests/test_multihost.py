@@ -21,7 +21,8 @@ import converters
 from converters.hf.safetensors_io import CheckpointReader
 from jaxmoe.train.checkpoint import flat_params, save_orbax_model
 from jaxmoe.generate import generate
-from jaxmoe.parallel.sharding import MeshError, initialize_distributed
+from jaxmoe.parallel.mesh import initialize_distributed
+from jaxmoe.parallel.rules import MeshError
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=8,

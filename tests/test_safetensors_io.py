@@ -20,13 +20,8 @@ import converters.hf.planned_writer as pw
 from converters.atomic import atomic_output_dir
 from converters.errors import CheckpointError
 from converters.hf.planned_writer import PlannedWriter
-from converters.hf.safetensors_io import (
-    CheckpointReader,
-    SafetensorsFile,
-    ShardedWriter,
-    TensorBytes,
-    write_safetensors,
-)
+from converters.hf.safetensors_io import CheckpointReader, SafetensorsFile, TensorBytes
+from converters.hf.safetensors_writer import ShardedWriter, write_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -374,7 +369,7 @@ def test_atomic_sigkill_leaves_only_tmp_sibling(tmp_path: Path) -> None:
         import os, signal
         import numpy as np
         from converters.atomic import atomic_output_dir
-        from converters.hf.safetensors_io import ShardedWriter
+        from converters.hf.safetensors_writer import ShardedWriter
         with atomic_output_dir({str(tmp_path / 'OUT')!r}) as d:
             w = ShardedWriter(d)
             w.add("a", np.zeros(4, np.float32))

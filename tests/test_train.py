@@ -18,10 +18,11 @@ import pytest
 import yaml
 from flax import nnx
 
-from jaxmoe.train.checkpoint import flat_params, load_orbax_model, save_orbax_model
+from converters.load import load_orbax_model
+from jaxmoe.train.checkpoint import flat_params, save_orbax_model
 from jaxmoe.cli import main
 from jaxmoe.nn.config import ModelConfig
-from jaxmoe.nn.model import Transformer
+from jaxmoe.nn.model import Transformer, param_slots
 from jaxmoe.train.loop import TrainConfigError, Trainer, parse_config
 from tests.tiny_tokenizer import VOCAB, WORDS, make_tokenizer
 
@@ -100,7 +101,7 @@ def _expert_model(succ: dict, wrong: dict) -> Transformer:
         for t in range(4, 128):
             g[e, :, t] = u[t]
             d[e, t, :] = u[(succ if t in own else wrong)[t]]
-    layer = model.layers[0]
+    layer = model.layer(0)
     set_ = lambda var, x: var.set_value(jnp.asarray(x, jnp.float32))  # noqa: E731
     set_(model.embed, emb)
     set_(model.lm_head, 2.0 * u.T)
@@ -109,6 +110,7 @@ def _expert_model(succ: dict, wrong: dict) -> Transformer:
     set_(layer.mlp.up_proj, g)
     set_(layer.mlp.down_proj, d)
     set_(layer.mlp.router, np.asarray(jax.random.normal(jax.random.key(3), (H, 2))) * 0.01)  # undecided
+    model.set_layer(0, layer)
     return model
 
 
@@ -187,7 +189,7 @@ def test_trained_router_exports_to_transformers(router_run, tmp_path):
     layer = hf.model.layers[0]
     moe = layer.mlp if hasattr(layer, "mlp") else layer.block_sparse_moe  # Mixtral's block: `mlp` from transformers 5 on
     gate = moe.gate.weight.detach().numpy()
-    np.testing.assert_array_equal(gate, np.asarray(trained.layers[0].mlp.router.get_value()).T)
+    np.testing.assert_array_equal(gate, np.asarray(trained.layer(0).mlp.router.get_value()).T)
     with torch.no_grad():
         ids = torch.as_tensor(np.concatenate([A, B])[None], dtype=torch.long)
         router_logits = hf(ids, output_router_logits=True).router_logits[0]
@@ -317,7 +319,7 @@ def test_sigkill_then_resume_continues_exactly(small_moe, tmp_path, capsys, comp
 # --- mesh -----------------------------------------------------------------------------------------
 def test_mesh_training_matches_one_device(small_moe, tmp_path):
     from jaxmoe.cli.train import load_tokenizer
-    from jaxmoe.parallel.sharding import make_mesh
+    from jaxmoe.parallel.mesh import make_mesh
 
     d = small_moe
     tok = load_tokenizer(d / "tok")
@@ -327,12 +329,14 @@ def test_mesh_training_matches_one_device(small_moe, tmp_path):
                             "trainable": "router+experts", "data": {"train": str(d / "train.jsonl"), "seq_len": 16,
                                                                      "batch_size": 8},
                             "optimizer": {"lr": 0.01}, "eval": {"sequences": 0}, "log_every": 1000})
-        trainer = Trainer(cfg, load_orbax_model(d / "model"), tok, mesh=mesh, print_fn=lambda s: None)
+        model = load_orbax_model(d / "model")
+        slot = param_slots(model)["layers.0.mlp.gate_proj"]  # [L, E, H, I] in the layer stack
+        trainer = Trainer(cfg, model, tok, mesh=mesh, print_fn=lambda s: None)
         trainer.run()
         losses[name] = [r["loss"] for r in _rows(tmp_path / name / "metrics.jsonl")]
         if mesh is not None:
-            experts = trainer.state.trainable["layers.0.mlp.gate_proj"]
-            assert experts.sharding.shard_shape(experts.shape)[0] == 1  # 4 experts over expert=4: really split
+            experts = trainer.state.trainable[slot.path]
+            assert experts.sharding.shard_shape(experts.shape)[1] == 1  # 4 experts over expert=4: really split
     assert len(losses["one"]) == 3
     np.testing.assert_allclose(losses["mesh"], losses["one"], rtol=0, atol=1e-5)
 

@@ -2,7 +2,9 @@
 
 A mesh spec is `axis=size,...` over the axes `data, fsdp, expert, tensor`, e.g. `expert=4,data=2`.
 This module is self-contained (standard library only): the TRC scripts use it on a laptop, and it
-checks a mesh against a model's shape before anything is loaded.
+checks a mesh against a model's shape before anything is loaded. jaxmoe reads the same files with its own
+reader (`jaxmoe.parallel.mesh.preset_spec`), as neither package may import the other; tests/test_sharding.py
+checks that both readers give the same spec for every preset.
 """
 
 from __future__ import annotations

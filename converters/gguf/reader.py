@@ -18,6 +18,8 @@ from gguf import GGMLQuantizationType as QT
 
 from converters.errors import CheckpointError
 from converters.gguf.names import FAMILIES, Family, to_hf
+from converters.hf.config import config_from_hf
+from jaxmoe.nn.config import ConfigError, ModelConfig
 
 # Types we dequantize (through gguf.quants); the rest (IQ*, TQ*, MXFP4, integer tensors ...) are refused.
 SUPPORTED_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0,
@@ -274,3 +276,13 @@ class GGUFCheckpoint:
 
     def __repr__(self) -> str:
         return f"GGUFCheckpoint({str(self.path)!r}, {self.family.model_type}, {len(self._entries)} tensors)"
+
+
+def read_gguf(path: str | os.PathLike) -> tuple[ModelConfig, GGUFCheckpoint]:
+    """A `.gguf` file's ModelConfig and its tensors by HF name; CheckpointError (one line naming the file) for a
+    missing, unreadable or unsupported file."""
+    ckpt = GGUFCheckpoint(path)
+    try:
+        return config_from_hf(ckpt.hf_config(), str(path)), ckpt
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None

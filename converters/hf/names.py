@@ -1,69 +1,120 @@
-"""The declarative name table between Hugging Face checkpoints and our parameter tree.
+"""The declarative name table between Hugging Face checkpoints and our parameters, and the one description of
+each tensor kind.
 
-One table per architecture and layout, read in both directions: import applies `Kind.load` to the HF
-tensor, export applies `Kind.save` to our arrays. A rule maps one HF tensor to one or more of our
-parameters; `ours` entries ending in `[j]` address expert j of a stacked [E, ...] parameter.
+One table per architecture and layout, read in both directions. A rule maps one HF tensor to one or more of our
+parameters by LOGICAL name ("layers.3.attn.q_proj"; how the model stores its layers is its own business, see
+`jaxmoe.nn.model.param_slots`); `ours` entries ending in `[j]` address expert j of a stacked [E, ...] parameter.
+A rule's `kind` names its entry in `KINDS`, which says everything import, export and sharded reads need: the HF
+shape for our shapes, how to read any region of our parameter from the matching part of the HF tensor (the
+whole tensor is the full region), how to write the HF tensor back, and whether that round trip is exact.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import re
+from typing import Callable, Mapping
 
 import numpy as np
 
 from jaxmoe.nn.config import ModelConfig
 
 LAYOUTS = ("legacy", "mlp", "fused")
+Region = tuple[slice, ...]
+# get(index into the HF tensor) -> that part of it; a kind's reader asks only for what the region needs
+HFGetter = Callable[[tuple], np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
 class Kind:
-    """How an HF tensor becomes ours and back, and the HF shape expected for our shapes."""
+    """How an HF tensor and our parameter(s) correspond.
 
-    load: Callable[[np.ndarray, list], tuple[np.ndarray, ...]]
-    save: Callable[..., np.ndarray]
+    hf_shape(*our shapes) -> the HF tensor's shape. read(get, region, our shape, position in the rule) -> our
+    parameter over `region` (slices of our shape, step 1), reading only the matching part of the HF tensor through
+    `get`. save(*our arrays) -> the HF tensor. bijective: the HF tensor is one parameter of ours reshaped or
+    transposed, so export writes the very bytes import read (a file-to-file copy is the export).
+    """
+
     hf_shape: Callable[..., tuple[int, ...]]
+    read: Callable[[HFGetter, Region, tuple[int, ...], int], np.ndarray]
+    save: Callable[..., np.ndarray]
+    bijective: bool
+
+    def load(self, a: np.ndarray, our_shapes: list[tuple[int, ...]]) -> tuple[np.ndarray, ...]:
+        """The whole HF tensor `a` -> our arrays (views of `a` where the layout allows)."""
+        return tuple(self.read(a.__getitem__, full_region(s), tuple(s), pos) for pos, s in enumerate(our_shapes))
+
+
+def full_region(shape: tuple[int, ...]) -> Region:
+    """The region covering a whole array of `shape`."""
+    return tuple(slice(0, n) for n in shape)
 
 
 def _t(a: np.ndarray) -> np.ndarray:
     return np.swapaxes(a, -1, -2)
 
 
+def _rows(r: slice, d: int) -> slice:
+    """Head range -> the rows of a [heads*d, ...] tensor holding those heads."""
+    return slice(r.start * d, r.stop * d)
+
+
+def _n(r: slice) -> int:
+    return r.stop - r.start
+
+
 KINDS: dict[str, Kind] = {
     # Same layout on both sides (embeddings [V, H], norm weights [H]).
-    "same": Kind(lambda a, s: (a,), lambda a: a, lambda s: s),
+    "same": Kind(lambda s: s, lambda get, r, s, pos: get(r), lambda a: a, True),
     # nn.Linear weight [out, in] <-> our kernel [in, out].
-    "linear": Kind(lambda a, s: (_t(a),), _t, lambda s: s[::-1]),
-    # q/k/v weight [heads*d, H] <-> [H, heads, d].
-    "heads_in": Kind(lambda a, s: (a.T.reshape(s[0]),), lambda a: a.reshape(a.shape[0], -1).T,
-                     lambda s: (s[1] * s[2], s[0])),
-    # o_proj weight [H, heads*d] <-> [heads, d, H].
-    "heads_out": Kind(lambda a, s: (a.T.reshape(s[0]),), lambda a: a.reshape(-1, a.shape[-1]).T,
-                      lambda s: (s[2], s[0] * s[1])),
-    # q/k/v bias [heads*d] <-> [heads, d].
-    "heads_bias": Kind(lambda a, s: (a.reshape(s[0]),), lambda a: a.reshape(-1), lambda s: (s[0] * s[1],)),
-    # transformers v5 fused experts: gate_up [E, 2I, H] <-> gate [E, H, I], up [E, H, I] (gate first).
-    "fused_gate_up": Kind(
-        lambda a, s: (_t(a[:, : a.shape[1] // 2]), _t(a[:, a.shape[1] // 2:])),
-        lambda g, u: np.concatenate([_t(g), _t(u)], axis=1),
-        lambda sg, su: (sg[0], sg[2] + su[2], sg[1])),
-    # fused down [E, H, I] <-> [E, I, H].
-    "fused_down": Kind(lambda a, s: (_t(a),), _t, lambda s: (s[0], s[2], s[1])),
+    "linear": Kind(lambda s: s[::-1], lambda get, r, s, pos: _t(get(r[:-2] + (r[-1], r[-2]))), _t, True),
+    # q/k/v weight [heads*d, H] <-> our [H, heads, d].
+    "heads_in": Kind(lambda s: (s[1] * s[2], s[0]),
+                     lambda get, r, s, pos: get((_rows(r[1], s[2]), r[0])).T.reshape(_n(r[0]), _n(r[1]), s[2])[
+                         :, :, r[2]],
+                     lambda a: a.reshape(a.shape[0], -1).T, True),
+    # o_proj weight [H, heads*d] <-> our [heads, d, H].
+    "heads_out": Kind(lambda s: (s[2], s[0] * s[1]),
+                      lambda get, r, s, pos: get((r[2], _rows(r[0], s[1]))).T.reshape(_n(r[0]), s[1], _n(r[2]))[
+                          :, r[1], :],
+                      lambda a: a.reshape(-1, a.shape[-1]).T, True),
+    # q/k/v bias [heads*d] <-> our [heads, d].
+    "heads_bias": Kind(lambda s: (s[0] * s[1],),
+                       lambda get, r, s, pos: get((_rows(r[0], s[1]),)).reshape(_n(r[0]), s[1])[:, r[1]],
+                       lambda a: a.reshape(-1), True),
+    # transformers v5 fused experts: gate_up [E, 2I, H] <-> our gate [E, H, I] (position 0), up [E, H, I] (1).
+    "fused_gate_up": Kind(lambda sg, su: (sg[0], sg[2] + su[2], sg[1]),
+                          lambda get, r, s, pos: _t(get((r[0], slice(r[2].start + pos * s[2], r[2].stop + pos * s[2]),
+                                                         r[1]))),
+                          lambda g, u: np.concatenate([_t(g), _t(u)], axis=1), False),
+    # fused down [E, H, I] <-> our [E, I, H].
+    "fused_down": Kind(lambda s: (s[0], s[2], s[1]), lambda get, r, s, pos: _t(get((r[0], r[2], r[1]))), _t, True),
 }
+_SLICE = re.compile(r"^(.*)\[(\d+)\]$")
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """One HF tensor `hf` <-> our parameter paths `ours` through `kind`."""
+    """One HF tensor `hf` <-> our parameters `ours` (logical names, `[j]` for expert j) through `kind`."""
 
     hf: str
     ours: tuple[str, ...]
     kind: str
 
 
-def load_rule(rule: Rule, a: np.ndarray, our_shapes: list[tuple[int, ...]]) -> tuple[np.ndarray, ...]:
-    """Turn HF tensor `a` into our arrays of `our_shapes` (for the slice rules: one expert's shape)."""
-    return KINDS[rule.kind].load(a, our_shapes)
+def split_target(name: str) -> tuple[str, int | None]:
+    """'layers.0.mlp.gate_proj[3]' -> ('layers.0.mlp.gate_proj', 3); a plain name -> (name, None)."""
+    m = _SLICE.match(name)
+    return (m.group(1), int(m.group(2))) if m else (name, None)
+
+
+def target_shapes(rule: Rule, shapes: Mapping[str, tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """Our shape for each entry of `rule.ours` (one expert's shape for a `[j]` entry), from our parameters'
+    shapes by logical name."""
+    out = []
+    for name in rule.ours:
+        base, j = split_target(name)
+        out.append(tuple(shapes[base][1:] if j is not None else shapes[base]))
+    return out
 
 
 def save_rule(rule: Rule, arrays: list[np.ndarray]) -> np.ndarray:

@@ -17,8 +17,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from converters.errors import CheckpointError, OutputError
-from converters.hf.safetensors_io import (INDEX_NAME, SINGLE_NAME, TensorBytes, _AbortOnError, _as_le_contiguous,
-                                       _check_name, _Entry, _header, dtype_code)
+from converters.hf.safetensors_format import (INDEX_NAME, SINGLE_NAME, Entry, TensorBytes, as_le_contiguous,
+                                              check_name, dtype_code, encode_header)
+from converters.hf.safetensors_writer import AbortOnError
 
 _PLAIN_COPY_ERRORS = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
 _BUFFER_BYTES = 16 << 20
@@ -52,7 +53,7 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[n:], offset + n
 
 
-class PlannedWriter(_AbortOnError):
+class PlannedWriter(AbortOnError):
     """Safetensors export whose tensor names, dtypes and shapes are all known before any data is produced.
 
     `plan` is ``[(name, dtype, shape), ...]`` in file order. Shards are cut exactly as `ShardedWriter` cuts
@@ -73,11 +74,11 @@ class PlannedWriter(_AbortOnError):
         if (self.out_dir / INDEX_NAME).exists() or any(self.out_dir.glob("*.safetensors")):
             raise CheckpointError(f"{self.out_dir}: already holds safetensors files; write into an empty directory")
         metadata = {"format": "pt"} if metadata is None else dict(metadata)
-        shards: list[list[_Entry]] = [[]]
+        shards: list[list[Entry]] = [[]]
         offset, self.total_size = 0, 0
         slots: dict[str, tuple[int, int, np.dtype, tuple[int, ...]]] = {}  # name -> shard, data offset, ...
         for name, dtype, shape in plan:
-            _check_name(name, slots)
+            check_name(name, slots)
             dt = np.dtype(dtype).newbyteorder("<") if np.dtype(dtype).byteorder == ">" else np.dtype(dtype)
             shape = tuple(int(d) for d in shape)
             nbytes = math.prod(shape) * dt.itemsize
@@ -109,7 +110,7 @@ class PlannedWriter(_AbortOnError):
                     raise OutputError.from_os(path, e) from e
                 self._fds.append(fd)
                 self._paths[fd] = path
-                header = _header(entries, metadata)
+                header = encode_header(entries, metadata)
                 self._pwrite(fd, memoryview(header), 0)
                 try:
                     os.ftruncate(fd, len(header) + (entries[-1][4] if entries else 0))
@@ -135,7 +136,7 @@ class PlannedWriter(_AbortOnError):
 
     def write(self, name: str, array: Any) -> None:
         """Write tensor `name` (a numpy / ml_dtypes / jax array of its planned dtype and shape)."""
-        arr = _as_le_contiguous(array)  # (1-d for a 0-d array: the shape is the array's own)
+        arr = as_le_contiguous(array)  # (1-d for a 0-d array: the shape is the array's own)
         fd, offset, dt, shape = self._slots.get(name, (0, 0, None, None))
         if dt is not None and (arr.dtype != dt or tuple(np.shape(array)) != shape):
             raise ValueError(f"tensor '{name}': got {arr.dtype} {list(np.shape(array))}, planned {dt} "

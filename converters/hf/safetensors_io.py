@@ -1,93 +1,26 @@
-"""Dependency-free safetensors reading and writing on numpy.
+"""Dependency-free safetensors reading on numpy, memory-mapped and tensor by tensor.
 
-Reading is memory-mapped and tensor by tensor: `get` returns a read-only zero-copy view, `get_slice` touches
-only the pages of the requested region, so a process never holds a whole checkpoint in memory; `locate`
-says where a tensor's bytes lie, for copies that never pass through Python. Writing streams:
-`ShardedWriter.add` puts a tensor's bytes on disk at once, so memory stays bounded by one tensor. When every
-name, dtype and shape is known up front, `PlannedWriter` writes each shard's header first and every tensor
-straight into its final place, in any order (from several threads), with tensors copied file to file
-in-kernel where their bytes already exist on disk.
-Files follow the safetensors format (8-byte little-endian header length, JSON header padded with spaces to
-8 bytes, raw little-endian data) and are read unchanged by `safetensors.safe_open` and transformers.
+`get` returns a read-only zero-copy view, `get_slice` touches only the pages of the requested region, so a
+process never holds a whole checkpoint in memory; `locate` says where a tensor's bytes lie, for copies that
+never pass through Python. The format itself is in `converters.hf.safetensors_format`; writing is
+`converters.hf.safetensors_writer` (streaming) and `converters.hf.planned_writer` (every tensor known up front).
 """
-
 from __future__ import annotations
 
 import json
 import math
 import mmap
 import os
-import shutil
 import struct
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from converters.errors import CheckpointError
-
-# safetensors dtype code -> numpy dtype (always little-endian on disk).
-DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype("<f8"),
-    "F32": np.dtype("<f4"),
-    "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-    "I64": np.dtype("<i8"),
-    "I32": np.dtype("<i4"),
-    "I16": np.dtype("<i2"),
-    "I8": np.dtype("i1"),
-    "U64": np.dtype("<u8"),
-    "U32": np.dtype("<u4"),
-    "U16": np.dtype("<u2"),
-    "U8": np.dtype("u1"),
-    "BOOL": np.dtype("bool"),
-}
-_CODES: dict[np.dtype, str] = {dt: code for code, dt in DTYPES.items()}
+from converters.hf.safetensors_format import DTYPES, INDEX_NAME, SINGLE_NAME, Index, TensorBytes
 
 _MAX_HEADER_BYTES = 100_000_000  # same limit as the reference implementation
-_COPY_CHUNK = 64 << 20
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-
-Index = tuple[Any, ...]  # slices / ints, as for numpy basic indexing
-
-
-def dtype_code(dtype: Any) -> str:
-    """The safetensors dtype code (e.g. ``"BF16"``) of a numpy dtype; raises ValueError when unsupported."""
-    dt = np.dtype(dtype)
-    if dt.byteorder == ">":
-        dt = dt.newbyteorder("<")
-    try:
-        return _CODES[dt]
-    except KeyError:
-        raise ValueError(f"dtype {dt} cannot be stored in safetensors (supported: {', '.join(DTYPES)})") from None
-
-
-@dataclass(frozen=True)
-class TensorBytes:
-    """Where a tensor's raw bytes lie on disk: C-order, little-endian `dtype` of `shape` at byte `offset` of
-    the file `path` (see `SafetensorsFile.locate`)."""
-
-    path: Path
-    offset: int
-    dtype: np.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-
-def _as_le_contiguous(array: Any) -> np.ndarray:
-    """numpy / ml_dtypes / jax array -> C-contiguous little-endian numpy array (copies only when needed)."""
-    arr = np.asarray(array)
-    if arr.dtype.byteorder == ">":
-        arr = arr.astype(arr.dtype.newbyteorder("<"))
-    return np.ascontiguousarray(arr)
 
 
 class SafetensorsFile:
@@ -338,170 +271,3 @@ class CheckpointReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-_Entry = tuple[str, str, tuple[int, ...], int, int]  # name, dtype code, shape, begin, end
-
-
-def _header(entries: Iterable[_Entry], metadata: Mapping[str, str] | None) -> bytes:
-    """Length prefix + JSON header padded with spaces to a multiple of 8 bytes (as the reference writer)."""
-    hdr: dict[str, Any] = {}
-    if metadata:
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-            raise ValueError(f"safetensors metadata must map str -> str, got {dict(metadata)!r}")
-        hdr["__metadata__"] = dict(metadata)
-    for name, code, shape, begin, end in entries:
-        hdr[name] = {"dtype": code, "shape": list(shape), "data_offsets": [begin, end]}
-    raw = json.dumps(hdr, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
-
-
-def _check_name(name: Any, seen: Mapping[str, Any]) -> None:
-    if not isinstance(name, str) or not name or name == "__metadata__":
-        raise ValueError(f"invalid tensor name {name!r}")
-    if name in seen:
-        raise ValueError(f"duplicate tensor name '{name}'")
-
-
-def write_safetensors(
-    path: str | os.PathLike, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None
-) -> None:
-    """Write a small single safetensors file from a dict of arrays (numpy, ml_dtypes or jax)."""
-    entries: list[_Entry] = []
-    arrays: list[np.ndarray] = []
-    offset = 0
-    for name, value in tensors.items():
-        _check_name(name, {})
-        arr = _as_le_contiguous(value)
-        entries.append((name, dtype_code(arr.dtype), np.shape(value), offset, offset + arr.nbytes))
-        arrays.append(arr)
-        offset += arr.nbytes
-    with open(path, "wb") as f:
-        f.write(_header(entries, metadata))
-        for arr in arrays:
-            f.write(arr.reshape(-1).view(np.uint8).data)
-
-
-def _copy_bytes(src: Any, dst: Any) -> None:
-    """Append all of `src` to `dst` (binary files) in bounded chunks, in-kernel where the OS allows."""
-    src.seek(0)
-    dst.flush()
-    start = dst.tell()
-    if hasattr(os, "copy_file_range"):
-        try:
-            while os.copy_file_range(src.fileno(), dst.fileno(), _COPY_CHUNK):
-                pass
-            return
-        except OSError:  # unsupported here: undo any partial copy and fall back to read/write
-            src.seek(0)
-            dst.seek(start)
-            dst.truncate()
-    shutil.copyfileobj(src, dst, _COPY_CHUNK)
-
-
-class _AbortOnError:
-    """Context manager of the writers: `close` on success, `abort` (delete what was written) on an error."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-
-class ShardedWriter(_AbortOnError):
-    """Streaming safetensors export into `out_dir` (``model.safetensors`` or HF-style shards + index).
-
-    Each `add` writes the tensor's bytes to a temporary data file of the current shard at once, so memory is
-    bounded by one tensor. A shard is finished (header + data copied into its file) when the next tensor
-    would push it past `max_shard_bytes`. `close` names the files and writes the index. Use it inside
-    `converters.atomic.atomic_output_dir` so that a crash leaves nothing at the final directory.
-    """
-
-    def __init__(
-        self,
-        out_dir: str | os.PathLike,
-        max_shard_bytes: int = 5_000_000_000,
-        metadata: Mapping[str, str] | None = None,
-    ) -> None:
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        if (self.out_dir / INDEX_NAME).exists() or any(self.out_dir.glob("*.safetensors")):
-            raise CheckpointError(f"{self.out_dir}: already holds safetensors files; write into an empty directory")
-        if max_shard_bytes <= 0:
-            raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-        self.max_shard_bytes = int(max_shard_bytes)
-        self.metadata = {"format": "pt"} if metadata is None else dict(metadata)
-        self.total_size = 0
-        self._shards: list[Path] = []  # finished shard files under temporary names
-        self._where: dict[str, int] = {}  # tensor name -> shard number (0-based)
-        self._entries: list[_Entry] = []
-        self._offset = 0
-        self._data: Any = None
-        self._names: list[str] | None = None
-
-    def _tmp(self, i: int, suffix: str) -> Path:
-        return self.out_dir / f".shard-{i + 1:05d}.{suffix}.tmp"
-
-    def add(self, name: str, array: Any) -> None:
-        """Append tensor `name`; its bytes hit the disk before this returns."""
-        if self._names is not None:
-            raise RuntimeError("ShardedWriter is closed")
-        _check_name(name, self._where)
-        arr = _as_le_contiguous(array)
-        code = dtype_code(arr.dtype)
-        if self._entries and self._offset + arr.nbytes > self.max_shard_bytes:
-            self._finish_shard()
-        if self._data is None:
-            self._data = open(self._tmp(len(self._shards), "data"), "w+b")
-        self._data.write(arr.reshape(-1).view(np.uint8).data)
-        self._data.flush()  # to the OS now: nothing of this tensor stays in our buffers
-        self._entries.append((name, code, np.shape(array), self._offset, self._offset + arr.nbytes))
-        self._where[name] = len(self._shards)
-        self._offset += arr.nbytes
-        self.total_size += arr.nbytes
-
-    def _finish_shard(self) -> None:
-        i = len(self._shards)
-        final = self._tmp(i, "safetensors")
-        with open(final, "wb") as out:
-            out.write(_header(self._entries, self.metadata))
-            if self._data is not None:
-                _copy_bytes(self._data, out)
-        if self._data is not None:
-            self._data.close()
-            self._tmp(i, "data").unlink()
-        self._shards.append(final)
-        self._entries, self._offset, self._data = [], 0, None
-
-    def close(self) -> list[str]:
-        """Finish the last shard, give files their final names, write the index; returns the file names."""
-        if self._names is not None:
-            return self._names
-        if self._entries or not self._shards:
-            self._finish_shard()
-        n = len(self._shards)
-        names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        for tmp, fname in zip(self._shards, names):
-            os.replace(tmp, self.out_dir / fname)
-        if n > 1:
-            index = {
-                "metadata": {"total_size": self.total_size},
-                "weight_map": {k: names[i] for k, i in sorted(self._where.items())},
-            }
-            (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        self._names = names
-        return names
-
-    def abort(self) -> None:
-        """Delete every temporary file written so far; the writer cannot be used afterwards."""
-        if self._data is not None:
-            self._data.close()
-            self._data = None
-        for p in [*self._shards, *self.out_dir.glob(".shard-*.tmp")]:
-            p.unlink(missing_ok=True)
-        self._names = []

@@ -5,16 +5,15 @@ can produce tensors on demand (the frankenMoE builder reads experts from their s
 needed) and memory stays bounded by about one layer. A caller that knows an output tensor's bytes already
 lie in a safetensors file (an unchanged expert, a base-model tensor) names them through `raw(rule)`; those
 are copied file to file first, before any `get`. `save_hf` exports a loaded model; `tensor_source_getter`
-turns any HF-named tensor source (an HF directory, a GGUF file) into a `get`, for conversions that never
-hold the whole model, and `same_bytes` finds the source tensors an output rule can copy as they are.
+turns any HF-named tensor source (an HF directory, a GGUF file) into a `get` (through the reader's `HFParams`),
+for conversions that never hold the whole model, and `same_bytes` finds the source tensors an output rule can copy
+as they are (those of a bijective kind, `converters.hf.names.KINDS`).
 """
 from __future__ import annotations
 
 import collections
-import functools
 import json
 import logging
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -25,15 +24,15 @@ import numpy as np
 
 from converters.atomic import atomic_output_dir
 from converters.errors import CheckpointError
-from converters.hf.names import LAYOUTS, Rule, hf_rules, hf_shape, load_rule, save_rule
+from converters.hf.config import config_to_hf
+from converters.hf.names import KINDS, LAYOUTS, Rule, hf_rules, hf_shape, save_rule, split_target, target_shapes
 from converters.hf.planned_writer import PlannedWriter
 from converters.progress import progress as progress_counter
+from converters.hf.reader import HFParams, config_targets, param_shapes, state_arrays
 from converters.hf.safetensors_io import TensorBytes
 from jaxmoe.nn.config import DTYPES, ModelConfig
-from converters.hf.config_export import config_to_hf
 
 log = logging.getLogger(__name__)
-_SLICE = re.compile(r"^(.*)\[(\d+)\]$")
 NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
              "float16": np.dtype(np.float16)}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -42,14 +41,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 GEMMA2MOE_CODE = Path(__file__).parents[1] / "moe" / "gemma2moe_hf"
 Getter = Callable[[str], Any]
 RawSource = Callable[[Rule, tuple[int, ...]], "Sequence[TensorBytes] | None"]
-# Kinds whose load and save are exact inverses on one tensor (a reshape / transpose): an output rule of one of
-# these kinds writes the same bytes as the source rule of the same kind for the same parameter.
-BIJECTIVE_KINDS = ("same", "linear", "heads_in", "heads_out", "heads_bias")
-
-
-def _split(name: str) -> tuple[str, int | None]:
-    m = _SLICE.match(name)
-    return (m.group(1), int(m.group(2))) if m else (name, None)
 
 
 class _CachedGetter:
@@ -73,18 +64,6 @@ class _CachedGetter:
         return arr
 
 
-def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Our parameter shapes by dotted path, computed abstractly (no memory; cached per config)."""
-    return dict(_param_shapes(config.replace(dtype="float32")))
-
-
-@functools.lru_cache(maxsize=8)
-def _param_shapes(config: ModelConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    from converters.hf.reader import abstract_model, state_arrays
-
-    return tuple((k, tuple(v.shape)) for k, v in state_arrays(abstract_model(config)).items())
-
-
 def check_layout(config: ModelConfig, layout: str) -> None:
     """Refuse layouts that the family's loader cannot read (a one-line ValueError)."""
     if layout not in LAYOUTS:
@@ -97,7 +76,7 @@ def check_layout(config: ModelConfig, layout: str) -> None:
 def _rule_tensor(rule: Rule, get: _CachedGetter, dtype: np.dtype) -> np.ndarray:
     arrays = []
     for name in rule.ours:
-        base, j = _split(name)
+        base, j = split_target(name)
         arr = get(base)
         arrays.append(arr if j is None else arr[j])
     return np.ascontiguousarray(save_rule(rule, arrays).astype(dtype, copy=False))
@@ -172,11 +151,7 @@ def _write_text(path: Path, content: str | bytes | Path) -> None:
 def rule_shapes(config: ModelConfig, rules: Sequence[Rule]) -> list[tuple[int, ...]]:
     """The HF shape of each rule's tensor for `config` (from our parameter shapes)."""
     shapes = param_shapes(config)
-    out = []
-    for rule in rules:
-        ours = [shapes[b][1:] if j is not None else shapes[b] for b, j in map(_split, rule.ours)]
-        out.append(hf_shape(rule, ours))
-    return out
+    return [hf_shape(rule, target_shapes(rule, shapes)) for rule in rules]
 
 
 def write_hf(out_dir: str | Path, config: ModelConfig, get: Getter, *, layout: str = "legacy",
@@ -250,8 +225,6 @@ def write_hf(out_dir: str | Path, config: ModelConfig, get: Getter, *, layout: s
 
 def save_hf(model: Any, out_dir: str | Path, layout: str = "legacy", **kw: Any) -> Path:
     """Export a loaded model (a jaxmoe Transformer) as an HF directory; keywords as for `write_hf`."""
-    from converters.hf.reader import state_arrays
-
     arrays = state_arrays(model)
 
     def get(path: str) -> np.ndarray:
@@ -264,33 +237,13 @@ def save_hf(model: Any, out_dir: str | Path, layout: str = "legacy", **kw: Any) 
 
 
 def tensor_source_getter(config: ModelConfig, source: Any, layout: str) -> Getter:
-    """A `get(path)` reading our parameters straight from an HF-named tensor source (CheckpointReader,
-    GGUFCheckpoint) through the name table in `layout`; one parameter in memory at a time."""
-    producers: dict[str, list[tuple[Rule, int, int | None]]] = collections.defaultdict(list)
-    for rule in hf_rules(config, layout):
-        for pos, name in enumerate(rule.ours):
-            base, j = _split(name)
-            producers[base].append((rule, pos, j))
-    shapes = param_shapes(config)
-
-    def get(path: str) -> np.ndarray:
-        if path not in producers:
-            raise CheckpointError(f"no tensor in the source fills parameter '{path}'")
-        full = shapes[path]
-        out: np.ndarray | None = None
-        for rule, pos, j in producers[path]:
-            if not source.has(rule.hf):
-                raise CheckpointError(f"tensor '{rule.hf}' is missing from the source")
-            our_shapes = [shapes[b][1:] if jj is not None else shapes[b] for b, jj in map(_split, rule.ours)]
-            arr = np.asarray(load_rule(rule, source.get(rule.hf), our_shapes)[pos])
-            if j is None:
-                return arr
-            if out is None:
-                out = np.empty(full, arr.dtype)
-            out[j] = arr
-        return out
-
-    return get
+    """A `get(name)` reading our parameters straight from an HF-named tensor source (CheckpointReader,
+    GGUFCheckpoint) through the name table in `layout`; one parameter in memory at a time. Every tensor is checked
+    (present, right shape) first."""
+    where = str(getattr(source, "directory", getattr(source, "path", "the source")))
+    params = HFParams(config, source, where, layout)
+    params.check(config_targets(config))
+    return lambda name: params.read(name)[0]
 
 
 def same_bytes(rule: Rule, source_rule: Rule | None, source: Any, shape: tuple[int, ...], dtype: Any
@@ -300,8 +253,8 @@ def same_bytes(rule: Rule, source_rule: Rule | None, source: Any, shape: tuple[i
     output is then the source tensor itself, cast to `dtype`. None when that does not hold (other kinds,
     several parameters per tensor, another shape, a source that cannot say where its bytes are)."""
     if (source_rule is None or not hasattr(source, "locate") or rule.kind != source_rule.kind
-            or rule.kind not in BIJECTIVE_KINDS or rule.ours != source_rule.ours or len(rule.ours) != 1
-            or _split(rule.ours[0])[1] is not None or not source.has(source_rule.hf)):
+            or not KINDS[rule.kind].bijective or rule.ours != source_rule.ours or len(rule.ours) != 1
+            or split_target(rule.ours[0])[1] is not None or not source.has(source_rule.hf)):
         return None
     t = source.locate(source_rule.hf)
     if tuple(t.shape) != tuple(shape) or not exact_cast(t.dtype, np.dtype(dtype)):

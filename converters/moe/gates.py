@@ -75,7 +75,7 @@ class PromptEncoder:
         self.graphdef, self.state = nnx.split(model)
         self.config = model.config
         self.embed = model.embed
-        self.layers = [nnx.split(layer) for layer in model.layers]
+        self.model = model  # its layers are sliced out one at a time when run (`Transformer.layer`)
         self.rows, self.bucket = rows, bucket
         # Router-input states are kept on the host up to this many bytes, so a routing preview needs no
         # second forward; beyond it `top1` runs the model again.
@@ -95,7 +95,8 @@ class PromptEncoder:
         x, cos, sin, masks, last, m = self._prologue(self.config, self.embed[...], ids, mask)
         small = ids.size * self.config.hidden_size * self.config.num_layers <= FAST_COMPILE_WORK
         step = self._layer_fast if small else self._layer_default
-        for (graphdef, state), kind in zip(self.layers, self.config.layer_types):
+        for i, kind in enumerate(self.config.layer_types):
+            graphdef, state = nnx.split(self.model.layer(i))
             x, feats, router_input = step(graphdef, state, x, cos, sin, masks[kind], last, m)
             yield feats, router_input
 

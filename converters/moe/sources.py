@@ -10,11 +10,22 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, Sequence
 
 
-if TYPE_CHECKING:
-    from converters.moe.recipe import MoERecipe
+class MoERecipe(Protocol):
+    """What these checks read of a `converters.moe.recipe.MoERecipe` (a protocol, not an import: the recipe
+    module imports this one)."""
+
+    base_model: str
+    architecture: str | None
+    dtype: str | None
+    experts: Sequence[Any]
+    shared_experts: Sequence[Any]
+    experts_per_token: int
+
+    def model_fields(self) -> Any: ...
+    def error(self, field: str, message: str) -> Exception: ...
 
 ReadConfig = Callable[[str], Mapping[str, Any]]
 

@@ -10,6 +10,8 @@ import logging
 import os
 import sys
 
+from jaxmoe.cli.errors import CliError  # noqa: F401  (the subcommands raise it; main() reports it)
+
 COMMANDS = {
     "demo": ("jaxmoe.cli.demo", "build a 4-expert MoE from SmolLM2-135M end to end and show it works"),
     "build": ("jaxmoe.cli.build", "build a frankenMoE from a mergekit-style recipe"),
@@ -25,8 +27,6 @@ COMMANDS = {
 COMPILING = frozenset({"demo", "build", "generate", "inspect", "train", "eval", "parity"})
 
 
-class CliError(Exception):
-    """A user error the CLI prints as one line and exits 2 on."""
 
 
 _NO_CACHE_HELP = ("do not read or write the persistent compilation cache ($JAXMOE_COMPILE_CACHE=0 does the same; "
@@ -108,7 +108,7 @@ def _join_job(args: argparse.Namespace) -> None:
     """jax.distributed.initialize from the flags (or the TPU environment); silence stdout off process 0."""
     import jax
 
-    from jaxmoe.parallel.sharding import initialize_distributed
+    from jaxmoe.parallel.mesh import initialize_distributed
 
     initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     if jax.process_index() != 0:

@@ -1,4 +1,5 @@
-"""`jaxmoe convert IN OUT`: an HF directory or a .gguf file -> an HF directory (streamed, atomic)."""
+"""`jaxmoe convert IN OUT`: an HF directory, a .gguf file or a jaxmoe orbax checkpoint -> an HF directory (streamed
+through the loader's parameter source, one tensor at a time, atomic), or -> an orbax checkpoint (`--to orbax`)."""
 from __future__ import annotations
 
 import argparse
@@ -48,13 +49,34 @@ def _gguf_tokenizer(ckpt, path: Path):
         return None
 
 
+def _tokenizer(src: Path, source):
+    """What to write as OUT's tokenizer: a GGUF file's own, an HF directory with tokenizer files, or the one an
+    orbax checkpoint names; None (with a warning) when there is none."""
+    if src.suffix == ".gguf":
+        return _gguf_tokenizer(source.tensors, src)
+    meta = getattr(source, "meta", None)
+    if meta is None:  # an HF directory
+        if any((src / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            return src
+        log.warning("%s: no tokenizer files; OUT will have none", src)
+        return None
+    named = meta.get("tokenizer")
+    if named and not Path(named).exists():
+        log.warning("%s: its tokenizer %s is gone; OUT will have none", src, named)
+        return None
+    if named and Path(named).suffix == ".gguf":
+        from converters.tokenizer import load_tokenizer
+
+        return load_tokenizer(named)
+    return Path(named) if named else None
+
+
 def run(args: argparse.Namespace) -> int:
-    """Convert IN to an HF directory at OUT, one tensor in memory at a time."""
-    from converters.errors import CheckpointError
-    from converters.hf.writer import tensor_source_getter, write_hf
-    from converters.hf.names import detect_layout, hf_rules
-    from jaxmoe.cli import CliError
-    from jaxmoe.nn.config import ConfigError, ModelConfig
+    """Convert IN to an HF directory at OUT, one tensor in memory at a time (or to an orbax checkpoint)."""
+    from converters.hf.reader import config_targets
+    from converters.hf.writer import write_hf
+    from converters.load import open_source
+    from jaxmoe.cli.errors import CliError
 
     src, out = Path(args.input), Path(args.output)
     max_shard = parse_size(args.shard_size)
@@ -62,8 +84,6 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"{out} exists; pass --overwrite to replace it")
     if src.resolve() == out.resolve():
         raise CliError("IN and OUT are the same path")
-    from jaxmoe.train.checkpoint import is_orbax_checkpoint
-
     if args.to == "orbax":  # an HF dir or GGUF as a jaxmoe orbax checkpoint (what `jaxmoe train` can start from)
         import shutil
 
@@ -82,47 +102,16 @@ def run(args: argparse.Namespace) -> int:
             raise OutputError.from_os(out, e) from e
         print(f"wrote {out} (orbax checkpoint of {src}, {model.config.dtype})")
         return 0
-    if src.is_dir() and not (src / "config.json").is_file() and is_orbax_checkpoint(src):
-        from jaxmoe.cli.train import export_hf  # a training run's checkpoint: its newest step
-
-        export_hf(src, out, layout=args.layout, dtype=args.dtype, overwrite=args.overwrite,
-                  max_shard_bytes=max_shard, progress=not args.no_progress)
-        print(f"wrote {out} (from orbax checkpoint {src}, layout {args.layout})")
-        return 0
-    if src.suffix == ".gguf":
-        from converters.gguf.reader import GGUFCheckpoint
-
-        if not src.is_file():
-            raise CheckpointError(f"{src}: no such file")
-        source = GGUFCheckpoint(src)
-        try:
-            config = ModelConfig.from_hf(source.hf_config(), str(src))
-        except ConfigError as e:
-            raise CheckpointError(str(e)) from None
-        dtype = args.dtype or "float32"
-        tokenizer = _gguf_tokenizer(source, src)
-    else:
-        from converters.hf.reader import read_config
-        from converters.hf.safetensors_io import CheckpointReader
-
-        config = read_config(src)
-        source = CheckpointReader(src)
-        dtype = args.dtype or config.dtype
-        has_tok = any((src / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-        tokenizer = src if has_tok else None
-        if not has_tok:
-            log.warning("%s: no tokenizer files; OUT will have none", src)
+    config, source, default_dtype = open_source(src)
+    source.check(config_targets(config))  # every tensor there with its shape before OUT is started
+    dtype = args.dtype or default_dtype
+    tokenizer = _tokenizer(src, source)
     generation = None
     if src.is_dir() and (src / "generation_config.json").is_file():  # keep the source's sampling defaults
         generation = json.loads((src / "generation_config.json").read_text(encoding="utf-8"))
         generation.pop("transformers_version", None)
-    in_layout = detect_layout(config, source.has)
-    unused = sorted(set(source.keys()) - {r.hf for r in hf_rules(config, in_layout)})
-    if unused:
-        log.warning("%s: %d tensors are not part of a %s model and are dropped: %s", src, len(unused),
-                    config.model_type, ", ".join(unused[:5]))
-    get = tensor_source_getter(config, source, in_layout)
-    write_hf(out, config, get, layout=args.layout, dtype=dtype, tokenizer_src=tokenizer, overwrite=args.overwrite,
-             generation_config=generation, max_shard_bytes=max_shard, progress=not args.no_progress)
+    write_hf(out, config, lambda name: source.read(name)[0], layout=args.layout, dtype=dtype,
+             tokenizer_src=tokenizer, overwrite=args.overwrite, generation_config=generation,
+             max_shard_bytes=max_shard, progress=not args.no_progress)
     print(f"wrote {out} ({config.model_type}, {dtype}, layout {args.layout})")
     return 0

@@ -34,10 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Score the files and print loss, perplexity, token count (and expert load for MoE models)."""
-    from jaxmoe.cli import CliError
+    from jaxmoe.cli.errors import CliError
     from jaxmoe.cli.train import load_model
     from jaxmoe.train.data import check_files, iter_sequences
-    from jaxmoe.train.loop import evaluate_model
+    from jaxmoe.train.step import evaluate_model
 
     if args.batch_size < 1:
         raise CliError(f"--batch-size: must be positive, got {args.batch_size}")

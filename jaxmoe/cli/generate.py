@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _encode(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]:
     if not chat:
         return [list(tokenizer(p)["input_ids"]) for p in prompts]
-    from jaxmoe.cli import CliError
+    from jaxmoe.cli.errors import CliError
 
     if not getattr(tokenizer, "chat_template", None):
         raise CliError("--chat: this model's tokenizer has no chat template")
@@ -80,8 +80,9 @@ def run(args: argparse.Namespace) -> int:
 
     import converters
     from converters.tokenizer import load_tokenizer
-    from jaxmoe.cli import CliError
+    from jaxmoe.cli.errors import CliError
     from jaxmoe.generate import generate_full, left_pad
+    from jaxmoe.parallel.mesh import make_mesh, use_mesh
 
     path = Path(args.model)
     if not path.exists():
@@ -89,9 +90,9 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-    kwargs = {"mesh": args.mesh} if args.mesh else {}
+    mesh = make_mesh(args.mesh) if args.mesh else None  # MeshError (a ValueError): one line, exit 2
     try:
-        model = converters.load(path, dtype=dtype, **kwargs)
+        model = converters.load(path, dtype=dtype, mesh=mesh)
     except NotImplementedError as e:
         raise CliError(f"--mesh: {e}") from None
     tokenizer = load_tokenizer(path)
@@ -104,9 +105,10 @@ def run(args: argparse.Namespace) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos) if eos else 0)
     ids, mask = left_pad(seqs, pad)
     streamer = _Streamer(tokenizer, eos) if len(seqs) == 1 else None
-    result = generate_full(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, key=jax.random.key(args.seed), eos_token_id=tuple(sorted(eos)),
-                           pad_token_id=pad, attention_mask=mask, stream=streamer)
+    with use_mesh(mesh):  # the context mesh a sharded model runs under
+        result = generate_full(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                               top_p=args.top_p, key=jax.random.key(args.seed), eos_token_id=tuple(sorted(eos)),
+                               pad_token_id=pad, attention_mask=mask, stream=streamer)
     new = result.sequences[:, ids.shape[1]:]
     if streamer is not None:
         # Flush what a trailing incomplete character held back, so stdout is the whole decoded text.

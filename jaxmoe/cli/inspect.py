@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     import converters
     from converters.moe.build import load_tokenizer
     from converters.moe.recipe import model_expert_names
-    from jaxmoe.cli import CliError
+    from jaxmoe.cli.errors import CliError
 
     prompts = list(args.prompt)
     if args.prompts:

@@ -17,7 +17,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     import converters
-    from jaxmoe.cli import CliError
+    from jaxmoe.cli.errors import CliError
     from converters.hf.parity import transformers_logits
 
     model = converters.load(args.model, dtype="float32")

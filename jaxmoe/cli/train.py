@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_tokenizer(path: str | Path) -> Any:
     """A tokenizer from an HF directory or a .gguf file, offline."""
-    from jaxmoe.cli import CliError
+    from jaxmoe.cli.errors import CliError
 
     path = Path(path)
     try:
@@ -44,43 +44,23 @@ def load_tokenizer(path: str | Path) -> Any:
 
 
 def load_model(path: str | Path, dtype: str | None = None, tokenizer: str | None = None) -> tuple[Any, Any, str]:
-    """(model, tokenizer, tokenizer path) for an HF directory, a .gguf file or a jaxmoe orbax checkpoint."""
-    from jaxmoe.train.checkpoint import is_orbax_checkpoint, load_orbax_model, read_orbax_meta
+    """(model, tokenizer, tokenizer path) for an HF directory, a .gguf file or a jaxmoe orbax checkpoint (which
+    names its tokenizer in its metadata); the model comes from the one loader, `converters.load`."""
+    import converters
+    from jaxmoe.train.checkpoint import is_orbax_checkpoint, read_orbax_meta
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model: {path}: no such file or directory")
-    if path.is_dir() and not (path / "config.json").is_file() and is_orbax_checkpoint(path):
-        model = load_orbax_model(path, dtype)
-        tokenizer = tokenizer or read_orbax_meta(path).get("tokenizer")
+    if not tokenizer and path.is_dir() and not (path / "config.json").is_file() and is_orbax_checkpoint(path):
+        tokenizer = read_orbax_meta(path).get("tokenizer")
         if not tokenizer:
-            from jaxmoe.cli import CliError
+            from jaxmoe.cli.errors import CliError
 
             raise CliError(f"tokenizer: the checkpoint {path} names no tokenizer; set `tokenizer:`")
-    else:
-        import converters
-
-        model = converters.load(path, dtype)
-        tokenizer = tokenizer or str(path)
+    model = converters.load(path, dtype)
+    tokenizer = tokenizer or str(path)
     return model, load_tokenizer(tokenizer), str(Path(tokenizer).absolute())
-
-
-def export_hf(checkpoint: str | Path, out: str | Path, layout: str = "legacy", dtype: str | None = None,
-              **write_kw: Any) -> Path:
-    """A jaxmoe orbax checkpoint (run dir, checkpoints dir or step dir) -> an HF directory, with the
-    tokenizer named in the checkpoint; `write_kw` as for `converters.hf.writer.write_hf` (overwrite,
-    max_shard_bytes, progress). The hook for `jaxmoe convert CKPT OUT --to hf`."""
-    from converters.hf.writer import save_hf
-    from jaxmoe.train.checkpoint import load_orbax_model, read_orbax_meta
-
-    model = load_orbax_model(checkpoint, dtype)
-    tokenizer = read_orbax_meta(checkpoint).get("tokenizer")
-    if tokenizer and not Path(tokenizer).exists():
-        log.warning("%s: its tokenizer %s is gone; OUT will have none", checkpoint, tokenizer)
-        tokenizer = None
-    if tokenizer and Path(tokenizer).suffix == ".gguf":
-        tokenizer = load_tokenizer(tokenizer)
-    return save_hf(model, out, layout=layout, tokenizer_src=tokenizer, **write_kw)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,12 +74,12 @@ def run(args: argparse.Namespace) -> int:
         check_files(cfg.eval_data, "data.eval")
     mesh = None
     if cfg.mesh:
-        from jaxmoe.parallel.sharding import make_mesh
+        from jaxmoe.parallel.mesh import make_mesh
 
         mesh = make_mesh(cfg.mesh)
     model, tokenizer, tok_path = load_model(cfg.model, cfg.param_dtype, cfg.tokenizer)
     if mesh is not None:
-        from jaxmoe.parallel.sharding import check_mesh
+        from jaxmoe.parallel.mesh import check_mesh
 
         check_mesh(model.config, mesh)
     trainer = Trainer(cfg, model, tokenizer, tok_path, mesh=mesh, print_fn=lambda s: print(s, flush=True))

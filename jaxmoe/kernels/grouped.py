@@ -1,87 +1,74 @@
-"""Grouped expert MLP on token rows sorted by expert: the one kernel behind the dropless MoE paths.
+"""The TPU/GPU grouped expert kernel (`jax.lax.ragged_dot`) and the pieces every dropless kernel shares.
 
-Two ways, equal in value and gradient, chosen per backend by `grouped_mlp(..., kernel="auto")`:
-- `ragged_dot`: `jax.lax.ragged_dot` grouped matmuls (TPU megablox / GPU grouped GEMM).
-- `blocked`: rows are cut into fixed-size blocks that never straddle two experts' groups; a scan over the
-  blocks runs each through its expert's MLP with an ordinary matmul, and skips the unused blocks. XLA:CPU's
-  `ragged_dot` computes every group against every row (work x number of experts); the blocked scan does
-  only the real rows plus at most one partial block per expert, and reads each active expert's weights once
-  when a block covers its whole group (decode).
+A dropless MoE kernel takes tokens x [N, H], their `Routing` (k experts per token) and the expert weights,
+and returns sum_j weight_j * expert_j(x) [N, H]. The N*k token copies are sorted by expert, the grouped matmul
+runs every expert on its rows, and the outputs are weighted and added back onto their tokens. With no more
+token copies than experts (decode) the chosen experts' weights are gathered instead: a batched matmul over
+k*N weight sets reads less than a grouped matmul that visits every expert.
+
+Expert weights come stacked ([E, H, I] / [E, I, H]) or as one array per expert (the CPU inference form,
+`jaxmoe.kernels.cpu.aliased_slices`); kernels that need the stacked form stack a sequence (`stack_experts`).
 """
 from __future__ import annotations
+
+from typing import Sequence, Union
 
 import jax
 import jax.numpy as jnp
 
-from jaxmoe.nn.mlp import gated_activation, gated_mlp
+from jaxmoe.nn.mlp import gated_activation
+from jaxmoe.nn.router import Routing
 
-KERNELS = ("auto", "ragged_dot", "blocked")
-
-
-def block_rows(rows: int) -> int:
-    """Block size of the blocked kernel for `rows` sorted rows: all of them when few (decode: each
-    expert's weights are read once), else 64 or 128 rows (a good matmul size on CPU, little padding)."""
-    if rows <= 64:
-        return max(rows, 1)
-    return 64 if rows <= 512 else 128
+Experts = Union[jax.Array, Sequence[jax.Array]]  # stacked [E, ...] or one array per expert
 
 
-def _ragged_dot_mlp(xs: jax.Array, sizes: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array,
-                    activation: str) -> jax.Array:
+def stack_experts(w: Experts) -> jax.Array:
+    """The stacked [E, ...] form of expert weights (a sequence of per-expert arrays is stacked: a copy)."""
+    return jnp.stack(w) if isinstance(w, (tuple, list)) else w
+
+
+def sort_by_expert(r: Routing, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The N*k token copies sorted by expert: (order into the flat copies, token of each sorted copy, rows
+    per expert [E] int32)."""
+    flat = r.experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    return order, order // r.experts.shape[1], jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+
+
+def combine_sorted(x: jax.Array, y: jax.Array, r: Routing, order: jax.Array, token: jax.Array) -> jax.Array:
+    """Weight the sorted copies' outputs y and add them back onto their tokens [N, H]. The weights stay
+    float32 through the multiply and are cast at the accumulation (transformers v5 order)."""
+    y = (y.astype(jnp.float32) * r.weights.reshape(-1)[order][:, None]).astype(x.dtype)
+    return jnp.zeros_like(x).at[token].add(y)
+
+
+def ragged_dot_mlp(xs: jax.Array, sizes: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array,
+                   activation: str) -> jax.Array:
+    """down_e(act(xs @ gate_e) * (xs @ up_e)) for rows xs [R, H] sorted by expert, `sizes` [E] rows per
+    expert, with `ragged_dot` grouped matmuls (TPU megablox / GPU grouped GEMM). Rows past sum(sizes) are 0."""
     h = gated_activation(activation, jax.lax.ragged_dot(xs, wg, sizes), jax.lax.ragged_dot(xs, wu, sizes))
     return jax.lax.ragged_dot(h, wd, sizes)
 
 
-def _typed_zero(dtype: jnp.dtype, *arrays: jax.Array) -> jax.Array:
-    """A scalar 0 that, inside `shard_map`, varies over every mesh axis any of `arrays` varies over, so the
-    scan carry has the type of the blocks written into it (both `cond` branches must agree). A select,
-    not a multiply by 0, so inf/nan inputs cannot leak in."""
-    zero = jnp.zeros((), dtype)
-    for a in arrays:
-        zero = zero + jnp.where(False, a.reshape(-1)[0], 0).astype(dtype)
-    return zero
+def gathered_experts(x: jax.Array, r: Routing, wg: Experts, wu: Experts, wd: Experts,
+                     activation: str) -> jax.Array:
+    """Few token copies (decode): gather just the chosen experts' weights and run a batched matmul."""
+    wg, wu, wd = stack_experts(wg), stack_experts(wu), stack_experts(wd)
+    n, k = r.experts.shape
+    flat = r.experts.reshape(-1)
+    xs = jnp.repeat(x, k, axis=0)  # copy c = token c // k
+    h = gated_activation(activation, jnp.einsum("ch,chi->ci", xs, wg[flat]), jnp.einsum("ch,chi->ci", xs, wu[flat]))
+    y = jnp.einsum("ci,cih->ch", h, wd[flat])
+    y = (y.astype(jnp.float32) * r.weights.reshape(-1)[:, None]).astype(x.dtype)
+    return y.reshape(n, k, -1).sum(axis=1)
 
 
-def _blocked_mlp(xs: jax.Array, sizes: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array,
-                 activation: str, block: int | None = None) -> jax.Array:
-    rows, e = xs.shape[0], wg.shape[0]
-    b = block or block_rows(rows)
-    num_blocks = (rows + e * (b - 1)) // b  # static bound on sum_e ceil(sizes_e / b)
-    starts = jnp.cumsum(sizes) - sizes
-    blocks = (sizes + b - 1) // b
-    ends = jnp.cumsum(blocks)
-    t = jnp.arange(num_blocks, dtype=ends.dtype)
-    expert = jnp.minimum(jnp.searchsorted(ends, t, side="right"), e - 1)
-    row = starts[expert] + (t - (ends - blocks)[expert]) * b
-    used = t < ends[-1]
-    xs_pad = jnp.concatenate([xs, jnp.zeros((b, xs.shape[1]), xs.dtype)])
-    out = jnp.zeros((rows + b, wd.shape[2]), xs.dtype) + _typed_zero(xs.dtype, xs, sizes, wg, wu, wd)
-
-    def run(out, ex, r):
-        xb = jax.lax.dynamic_slice_in_dim(xs_pad, r, b)
-        # A block's tail may spill into the next group's rows; that group's own blocks come later and
-        # overwrite them, and rows past the last group are cut off below.
-        yb = gated_mlp(xb, wg[ex], wu[ex], wd[ex], activation)
-        return jax.lax.dynamic_update_slice_in_dim(out, yb.astype(out.dtype), r, 0)
-
-    def step(out, plan):
-        ex, r, u = plan
-        return jax.lax.cond(u, run, lambda out, ex, r: out, out, ex, r), None
-
-    out, _ = jax.lax.scan(step, out, (expert, row, used))
-    total = jnp.sum(sizes)
-    return jnp.where((jnp.arange(rows) < total)[:, None], out[:rows], jnp.zeros((), out.dtype))
-
-
-def grouped_mlp(xs: jax.Array, sizes: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array,
-                activation: str, kernel: str = "auto") -> jax.Array:
-    """down_e(act(xs @ gate_e) * (xs @ up_e)) for rows xs [R, H] sorted by expert, `sizes` [E] rows per
-    expert (sum <= R); weights [E, H, I] / [E, I, H]. Rows past sum(sizes) come out zero.
-    kernel 'auto' is 'blocked' on CPU and 'ragged_dot' elsewhere."""
-    if kernel == "auto":
-        kernel = "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
-    if kernel == "blocked":
-        return _blocked_mlp(xs, sizes, wg, wu, wd, activation)
-    if kernel == "ragged_dot":
-        return _ragged_dot_mlp(xs, sizes, wg, wu, wd, activation)
-    raise ValueError(f"grouped_mlp: kernel {kernel!r} is not one of {', '.join(KERNELS)}")
+def ragged_dot_experts(x: jax.Array, r: Routing, wg: Experts, wu: Experts, wd: Experts,
+                       activation: str) -> jax.Array:
+    """The TPU/GPU dropless kernel: gathered weights while n * k <= E, else sort, `ragged_dot_mlp`, combine."""
+    n, k = r.experts.shape
+    wg, wu, wd = stack_experts(wg), stack_experts(wu), stack_experts(wd)
+    if n * k <= wg.shape[0]:
+        return gathered_experts(x, r, wg, wu, wd, activation)
+    order, token, sizes = sort_by_expert(r, wg.shape[0])
+    return combine_sorted(x, ragged_dot_mlp(x[token], sizes, wg, wu, wd, activation), r, order, token)

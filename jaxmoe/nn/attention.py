@@ -7,7 +7,7 @@ from flax import nnx
 
 from jaxmoe.nn.config import ModelConfig
 from jaxmoe.nn.rope import apply_rope
-from jaxmoe.parallel.sharding import constrain_activation
+from jaxmoe.parallel.rules import constrain
 
 
 def make_mask(q_slots: jax.Array, k_valid: jax.Array, window: int | None) -> jax.Array:
@@ -104,9 +104,9 @@ class Attention(nnx.Module):
         if hasattr(self, "q_bias"):
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q = constrain_activation(self, q, ("batch", "length", "act_heads", "head_dim"))
-        k = constrain_activation(self, k, ("batch", "length", "act_kv", "head_dim"))
-        v = constrain_activation(self, v, ("batch", "length", "act_kv", "head_dim"))
+        q = constrain(q, ("batch", "length", "act_heads", "head_dim"))
+        k = constrain(k, ("batch", "length", "act_kv", "head_dim"))
+        v = constrain(v, ("batch", "length", "act_kv", "head_dim"))
         k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # the cache layouts: [B, kv, d, T], [B, kv, T, d]
         if cache is not None:
             # Write this step's keys/values into their slots (in place when the cache is donated) and

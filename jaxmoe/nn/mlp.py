@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmoe.parallel.sharding import constrain_activation
+from jaxmoe.parallel.rules import constrain
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
@@ -38,5 +38,5 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = gated_activation(self.activation, x @ self.gate_proj[...], x @ self.up_proj[...])
-        h = constrain_activation(self, h, ("batch", "length", "act_mlp"))
+        h = constrain(h, ("batch", "length", "act_mlp"))
         return h @ self.down_proj[...]

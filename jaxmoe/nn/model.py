@@ -1,10 +1,17 @@
 """The decoder-only transformer for every family (Llama, Mistral, Gemma, Gemma 2, Mixtral, Qwen2-MoE,
-Gemma2-MoE); family differences come from ModelConfig fields."""
+Gemma2-MoE); family differences come from ModelConfig fields.
+
+The decoder layers are stacked: consecutive layers of one structure (dense MLP or MoE block) form one stack
+whose parameters carry a leading layer axis, and `forward` runs a stack as one `jax.lax.scan` over it, so
+a model compiles one layer per stack whatever its depth. What differs between the layers of a stack (full or
+sliding attention) is scanned data. A stack may also be "unrolled" (`unstack_layers`): a list of per-layer
+modules run by a Python loop, used where the backend reads per-layer arrays faster (CPU decoding).
+"""
 from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,19 +23,29 @@ from jaxmoe.nn.mlp import MLP
 from jaxmoe.nn.moe import MoEBlock
 from jaxmoe.nn.norm import RMSNorm
 from jaxmoe.nn.rope import rope_cos_sin
-from jaxmoe.parallel.sharding import constrain_activation
+from jaxmoe.parallel.rules import constrain
 
 RESIDUAL = ("batch", "length", "act_embed")
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def layer_stacks(config: ModelConfig) -> list[range]:
+    """The layers grouped into stacks: maximal runs of consecutive layers with the same structure (MoE block
+    or dense MLP). One stack for every model of a single structure; Qwen2-MoE's `mlp_only_layers` split it."""
+    out: list[range] = []
+    start = 0
+    for i in range(1, config.num_layers + 1):
+        if i == config.num_layers or config.moe_layers[i] != config.moe_layers[start]:
+            out.append(range(start, i))
+            start = i
+    return out
 
 
 class KVCache(NamedTuple):
-    """Preallocated keys [B, kv, d, S] and values [B, kv, S, d], one array per layer (stored as
-    `attention.cache_shape`: without size-1 B / kv dims), which slots hold real tokens [B, S], and the
-    next slot index.
+    """Preallocated keys and values, which slots hold real tokens [B, S], and the next slot index.
 
-    One buffer per layer (not a stacked [L, ...] array) lets XLA update each in place while attention reads
-    it; with kv heads before the slots the attention matmuls read the cache without a transposed copy per
-    step (a [B, S, kv, d] cache cost 2.4x more attention time in decode at batch 8, 640 slots)."""
+    k and v hold one array per layer stack, [L, ...] over its layers (`stack_cache_shape`), or, for a model
+    whose stacks are unrolled (`unstack_layers`), one array per layer (`attention.cache_shape`)."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
@@ -36,18 +53,25 @@ class KVCache(NamedTuple):
     index: jax.Array
 
     @classmethod
-    def empty(cls, config: ModelConfig, batch: int, length: int, dtype: jnp.dtype) -> "KVCache":
-        """An all-empty cache of `length` slots."""
+    def empty(cls, config: ModelConfig, batch: int, length: int, dtype: jnp.dtype,
+              per_layer: bool = False) -> "KVCache":
+        """An all-empty cache of `length` slots, stacked (default) or one array per layer."""
         dims = (batch, config.num_kv_heads, length, config.head_dim)
-        layers = range(config.num_layers)
-        return cls(tuple(jnp.zeros(cache_shape(*dims, True), dtype) for _ in layers),
-                   tuple(jnp.zeros(cache_shape(*dims, False), dtype) for _ in layers),
+        groups = [range(1)] * config.num_layers if per_layer else layer_stacks(config)
+        lead = (lambda g: ()) if per_layer else (lambda g: (len(g),))
+        return cls(tuple(jnp.zeros(lead(g) + cache_shape(*dims, True), dtype) for g in groups),
+                   tuple(jnp.zeros(lead(g) + cache_shape(*dims, False), dtype) for g in groups),
                    jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
 
-    def layer(self, i: int, num_kv_heads: int) -> tuple[jax.Array, jax.Array]:
+    def layer(self, i: int, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
         """Layer i's keys and values, both as [B, kv, S, d]."""
-        b = self.valid.shape[0]
-        return cache_view(self.k[i], b, num_kv_heads).swapaxes(2, 3), cache_view(self.v[i], b, num_kv_heads)
+        b, kv = self.valid.shape[0], config.num_kv_heads
+        if len(self.k) == config.num_layers and self.k[0].ndim == len(cache_shape(b, kv, 1, 1, True)):
+            k, v = self.k[i], self.v[i]  # per layer
+        else:
+            s, group = next((s, g) for s, g in enumerate(layer_stacks(config)) if i in g)
+            k, v = self.k[s][i - group.start], self.v[s][i - group.start]
+        return cache_view(k, b, kv).swapaxes(2, 3), cache_view(v, b, kv)
 
 
 class Output(NamedTuple):
@@ -77,19 +101,20 @@ def prologue(c: ModelConfig, embed: jax.Array, input_ids: jax.Array, positions: 
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm attention + MLP/MoE, with Gemma 2's extra output norms when `sandwich_norms`."""
+    """Pre-norm attention + MLP/MoE, with Gemma 2's extra output norms when `sandwich_norms`. `window` is the
+    sliding window when every layer of its stack slides (attention then skips keys outside it), else None."""
 
-    def __init__(self, config: ModelConfig, layer: int, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, is_moe: bool, window: int | None, dtype: jnp.dtype, rngs: nnx.Rngs):
         norm = lambda: RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_offset, dtype)  # noqa: E731
         self.attn_norm = norm()
-        sliding = config.layer_types[layer] == "sliding"
-        self.attn = Attention(config, dtype, rngs, window=config.sliding_window if sliding else None)
+        self.attn = Attention(config, dtype, rngs, window=window)
         self.mlp_norm = norm()
         if config.sandwich_norms:
             self.attn_out_norm = norm()
             self.mlp_out_norm = norm()
-        self.is_moe = config.moe_layers[layer]
-        if self.is_moe:
+        self.sandwich = config.sandwich_norms
+        self.is_moe = is_moe
+        if is_moe:
             self.mlp = MoEBlock(config, dtype, rngs)
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size, config.activation, dtype, rngs)
@@ -97,7 +122,7 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, fresh=False):
         """Returns (x, router logits or None, updated layer cache, normalised MLP input)."""
         h, cache = self.attn(self.attn_norm(x), cos, sin, mask, cache, cache_index, fresh)
-        if hasattr(self, "attn_out_norm"):
+        if self.sandwich:
             h = self.attn_out_norm(h)
         x = x + h
         m_in = self.mlp_norm(x)
@@ -105,9 +130,22 @@ class DecoderLayer(nnx.Module):
             h, router_logits = self.mlp(m_in)
         else:
             h, router_logits = self.mlp(m_in), None
-        if hasattr(self, "mlp_out_norm"):
+        if self.sandwich:
             h = self.mlp_out_norm(h)
         return x + h, router_logits, cache, m_in
+
+
+def _stack(config: ModelConfig, layers: range, dtype: jnp.dtype, key: jax.Array) -> DecoderLayer:
+    """One DecoderLayer whose parameters have a leading axis over `layers` (logical axis "layers")."""
+    sliding = [config.layer_types[i] == "sliding" for i in layers]
+    window = config.sliding_window if all(sliding) else None
+    is_moe = config.moe_layers[layers.start]
+    stack = nnx.vmap(lambda k: DecoderLayer(config, is_moe, window, dtype, nnx.Rngs(k)), in_axes=0, out_axes=0)(
+        jax.random.split(key, len(layers)))
+    for _, var in nnx.iter_graph(stack):
+        if isinstance(var, nnx.Param):
+            var.set_metadata("axes", ("layers",) + tuple(var.get_metadata()["axes"]))
+    return stack
 
 
 class Transformer(nnx.Module):
@@ -120,18 +158,50 @@ class Transformer(nnx.Module):
         c = self.config
         self.embed = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (c.vocab_size, c.hidden_size), pdtype),
                                axes=("vocab", "embed"))
-        self.layers = nnx.List([DecoderLayer(c, i, pdtype, rngs) for i in range(c.num_layers)])
+        self.stacks = nnx.List([_stack(c, g, pdtype, rngs.params()) for g in layer_stacks(c)])
         self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.norm_offset, pdtype)
         if not c.tie_word_embeddings:
             self.lm_head = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (c.hidden_size, c.vocab_size),
                                                                    pdtype), axes=("embed", "vocab"))
+        self.remat = "none"
 
-    def set_moe_impl(self, impl: str) -> None:
-        """Choose how experts are computed: 'ragged' (dropless, the fastest exact path for the backend and size;
-        'ragged_dot' / 'blocked' / 'bucketed' / 'looped' / 'gathered' force one) or 'dense' (reference)."""
-        for layer in self.layers:
-            if layer.is_moe:
-                layer.mlp.impl = impl
+    def set_moe_impl(self, impl: str, **options) -> None:
+        """Choose how experts are computed: 'grouped' (dropless, the default), 'dense' (reference) or
+        'expert_parallel' (options dispatch, capacity_factor; under a mesh). Checked here, not when run."""
+        for _, module in nnx.iter_graph(self):
+            if isinstance(module, MoEBlock):
+                module.set_impl(impl, **options)
+
+    def set_remat(self, policy: str) -> None:
+        """Recompute each layer's activations in the backward pass: 'none', 'full' (keep only the layer
+        inputs) or 'dots' (keep matmul outputs without batch dims; recompute the rest)."""
+        if policy not in REMAT_POLICIES:
+            raise ValueError(f"remat policy {policy!r} is not one of {', '.join(REMAT_POLICIES)}")
+        self.remat = policy
+
+    def layer(self, i: int) -> DecoderLayer:
+        """Decoder layer i as a module of its own (its parameters sliced out of the stack: a copy)."""
+        for stack, group in zip(self.stacks, layer_stacks(self.config)):
+            if i in group:
+                j = i - group.start
+                if isinstance(stack, nnx.List):
+                    return stack[j]
+                graphdef, state = nnx.split(stack)
+                return nnx.merge(graphdef, jax.tree.map(lambda a: a[j], state))
+        raise IndexError(f"layer {i} of a {self.config.num_layers}-layer model")
+
+    def set_layer(self, i: int, layer: DecoderLayer) -> None:
+        """Write the parameters of `layer` (e.g. an edited `self.layer(i)`) into decoder layer i."""
+        for stack, group in zip(self.stacks, layer_stacks(self.config)):
+            if i in group:
+                if isinstance(stack, nnx.List):
+                    stack[i - group.start] = layer
+                    return
+                for (_, var), (_, new) in zip(nnx.to_flat_state(nnx.state(stack)),
+                                              nnx.to_flat_state(nnx.state(layer))):
+                    var.set_value(var.get_value().at[i - group.start].set(new.get_value()))
+                return
+        raise IndexError(f"layer {i} of a {self.config.num_layers}-layer model")
 
     def __call__(self, input_ids: jax.Array, **kwargs) -> jax.Array:
         """Logits [B, T, V] for int32 ids [B, T]."""
@@ -161,33 +231,136 @@ class Transformer(nnx.Module):
             k_valid = jax.lax.dynamic_update_slice(cache.valid, new_valid, (0, start))
         embed = self.embed[...]
         x, cos, sin, masks = prologue(c, embed, input_ids, positions, q_slots, new_valid if fresh_cache else k_valid,
-                                      lambda v: constrain_activation(self, v, RESIDUAL))
-        hidden, router_logits, mlp_inputs = [], [], []
-        ck, cv = (None, None) if cache is None else (list(cache.k), list(cache.v))
-        for i, layer in enumerate(self.layers):
-            if return_hidden_states:
-                hidden.append(x)
-            layer_cache = None if cache is None else (ck[i], cv[i])
-            x, rl, layer_cache, m_in = layer(x, cos, sin, masks[c.layer_types[i]], layer_cache, start,
-                                             fresh_cache and cache is not None)
-            x = constrain_activation(self, x, RESIDUAL)
-            if rl is not None:
-                router_logits.append(rl)
-            if return_mlp_inputs:
-                mlp_inputs.append(m_in)
+                                      lambda v: constrain(v, RESIDUAL))
+        run = _Run(cos, sin, masks, start, fresh_cache and cache is not None, self.remat)
+        hidden, router_logits, mlp_inputs, new_k, new_v = [], [], [], [], []
+        at = 0  # position in cache.k: per stack, or per layer for unrolled stacks
+        for stack, group in zip(self.stacks, layer_stacks(c)):
+            sliding = tuple(c.layer_types[i] == "sliding" for i in group)
+            if isinstance(stack, nnx.List):  # unrolled: one module and one cache array per layer
+                caches = [None] * len(group) if cache is None else list(zip(cache.k[at:at + len(group)],
+                                                                             cache.v[at:at + len(group)]))
+                at += len(group)
+                for layer, slides, layer_cache in zip(stack, sliding, caches):
+                    if return_hidden_states:
+                        hidden.append(x)
+                    x, rl, layer_cache, m_in = run.layer(layer, x, slides, layer_cache)
+                    router_logits += [] if rl is None else [rl]
+                    mlp_inputs.append(m_in)
+                    if layer_cache is not None:
+                        new_k.append(layer_cache[0])
+                        new_v.append(layer_cache[1])
+                continue
+            layer_cache = None if cache is None else (cache.k[at], cache.v[at])
+            at += 1
+            x, ys = run.scan(stack, x, sliding, layer_cache, return_hidden_states)
+            hs, rl, m_in, layer_cache = ys
+            hidden += list(hs) if return_hidden_states else []
+            router_logits += [] if rl is None else list(rl)
+            mlp_inputs += list(m_in) if return_mlp_inputs else []
             if layer_cache is not None:
-                ck[i], cv[i] = layer_cache
+                new_k.append(layer_cache[0])
+                new_v.append(layer_cache[1])
         x = self.final_norm(x)
         head = embed.T if c.tie_word_embeddings else self.lm_head[...]
         logits = x @ head
         if c.final_logit_softcap is not None:
             cap = jnp.asarray(c.final_logit_softcap, logits.dtype)
             logits = jnp.tanh(logits / cap) * cap
-        logits = constrain_activation(self, logits, ("batch", "length", "act_vocab"))
-        new_cache = None if cache is None else KVCache(tuple(ck), tuple(cv), k_valid, start + t)
+        logits = constrain(logits, ("batch", "length", "act_vocab"))
+        new_cache = None if cache is None else KVCache(tuple(new_k), tuple(new_v), k_valid, start + t)
         return Output(logits, tuple(router_logits), tuple(hidden) if return_hidden_states else None, new_cache,
                       tuple(mlp_inputs) if return_mlp_inputs else None)
 
+
+class _Run(NamedTuple):
+    """What every layer of one forward pass shares: rotary tables, masks, the cache index, remat policy."""
+
+    cos: jax.Array
+    sin: jax.Array
+    masks: dict[str, jax.Array | None]
+    start: jax.Array
+    fresh: bool
+    remat: str
+
+    def mask(self, sliding: jax.Array | bool) -> jax.Array:
+        """The attention mask of a layer: the sliding-window one where `sliding` (a scanned flag) is set."""
+        if self.masks["sliding"] is None or sliding is False:
+            return self.masks["full"]
+        if sliding is True:
+            return self.masks["sliding"]
+        return jnp.where(sliding, self.masks["sliding"], self.masks["full"])
+
+    def layer(self, layer: DecoderLayer, x: jax.Array, sliding, cache):
+        """One decoder layer, its output constrained to the residual layout."""
+        x, rl, cache, m_in = layer(x, self.cos, self.sin, self.mask(sliding), cache, self.start, self.fresh)
+        return constrain(x, RESIDUAL), rl, cache, m_in
+
+    def scan(self, stack: DecoderLayer, x: jax.Array, sliding: Sequence[bool], cache, keep_hidden: bool):
+        """All layers of a stack as one `jax.lax.scan`: (x, (inputs per layer or None, router logits [L, ...]
+        or None, normalised MLP inputs [L, ...], updated stacked cache or None))."""
+        graphdef, state = nnx.split(stack)
+        uniform = all(sliding) or not any(sliding)
+        flags = None if uniform else jnp.asarray(sliding)
+
+        def body(x, xs):
+            layer_state, flag, layer_cache = xs
+            layer = nnx.merge(graphdef, layer_state)
+            y, rl, layer_cache, m_in = self.layer(layer, x, sliding[0] if uniform else flag, layer_cache)
+            return y, (x if keep_hidden else None, rl, m_in, layer_cache)
+
+        if self.remat != "none":
+            policy = None if self.remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+            body = jax.checkpoint(body, policy=policy)
+        return jax.lax.scan(body, x, (state, flags, cache))
+
+
+class Slot(NamedTuple):
+    """Where a parameter with a per-layer (logical) name lives in the model state: the dotted state path of
+    its array and the leading indices into it (() for an array of its own; (l,) for layer l of a stack)."""
+
+    path: str
+    index: tuple[int, ...]
+
+
+def param_slots(model: Transformer) -> dict[str, Slot]:
+    """Every parameter by its logical name ('embed', 'layers.3.attn.q_proj', ... the names checkpoints and the
+    HF name table use) -> its `Slot` in `nnx.state(model)`. Loaders and writers address parameters only
+    through this map, so how the model stores its layers (stacked for `scan`) stays internal."""
+    slots = {}
+    groups = layer_stacks(model.config)
+    for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        path = ".".join(map(str, p))
+        if p[0] != "stacks":
+            slots[path] = Slot(path, ())
+            continue
+        group = groups[int(p[1])]
+        if isinstance(model.stacks[int(p[1])], nnx.List):  # unrolled: stacks.s.j.rest
+            rest = ".".join(map(str, p[3:]))
+            slots[f"layers.{group.start + int(p[2])}.{rest}"] = Slot(path, ())
+            continue
+        rest = ".".join(map(str, p[2:]))
+        for j, i in enumerate(group):
+            slots[f"layers.{i}.{rest}"] = Slot(path, (j,))
+    return slots
+
+
+def unstack_layers(model: Transformer, split: Callable[[str, jax.Array], Sequence]) -> Transformer:
+    """A model that shares `model`'s non-layer parameters and runs its layers unrolled: each stack becomes a
+    list of per-layer modules; `split(name, stacked)` gives the per-layer values of the stacked parameter
+    `name` (its path inside a layer, e.g. 'mlp.gate_proj'), e.g. zero-copy views on CPU. Its caches are per
+    layer (`KVCache.empty(..., per_layer=True)`)."""
+    graphdef, state = nnx.split(model)
+    out = nnx.merge(graphdef, state)
+    for s, (stack, group) in enumerate(zip(model.stacks, layer_stacks(model.config))):
+        layer_def, layer_state = nnx.split(stack)
+        flat = nnx.to_flat_state(layer_state)
+        parts = [tuple(split(".".join(map(str, p)), v.get_value())) for p, v in flat]
+        layers = [nnx.merge(layer_def, nnx.from_flat_state([(p, v.replace(values[j]))
+                                                            for (p, v), values in zip(flat, parts)]))
+                  for j in range(len(group))]
+        out.stacks[s] = nnx.List(layers)
+    return out
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -203,19 +376,3 @@ def compiled_logits(model: Transformer, input_ids: jax.Array) -> jax.Array:
     """
     graphdef, state = nnx.split(model)
     return _jitted_logits(graphdef, state, jnp.asarray(input_ids, jnp.int32))
-
-
-class Slot(NamedTuple):
-    """Where a parameter with a per-layer (logical) name lives in the model state: the dotted state path of
-    its array and the leading indices into it (() for an array of its own; (l,) for layer l of a stack)."""
-
-    path: str
-    index: tuple[int, ...]
-
-
-def param_slots(model: Transformer) -> dict[str, Slot]:
-    """Every parameter by its logical name ('embed', 'layers.3.attn.q_proj', ... the names checkpoints and the
-    HF name table use) -> its `Slot` in `nnx.state(model)`. Loaders and writers address parameters only
-    through this map, so how the model stores its layers (stacked for `scan`) stays internal."""
-    return {".".join(map(str, p)): Slot(".".join(map(str, p)), ())
-            for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}

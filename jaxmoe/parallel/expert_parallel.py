@@ -1,10 +1,10 @@
-"""Expert parallelism: the MoE experts split over the mesh's `expert` axis inside `jax.shard_map`.
+"""Expert parallelism: the MoE experts split over the context mesh's `expert` axis inside `jax.shard_map`.
 
 Each device holds E/e experts (and, with `tensor` > 1, a slice of every expert's MLP width). Tokens
 reach the devices holding their experts in one of two ways, equal in value:
 
 - `allgather` (any backend, the CPU default): the tokens of the `expert` group are all-gathered, each
-  device runs its local experts on the token copies routed to them (sorted, grouped `ragged_dot`), and
+  device runs its local experts on the token copies routed to them (sorted, grouped matmul), and
   the partial outputs are reduce-scattered back (psum when tokens are replicated over `expert`).
 - `ragged_a2a` (TPU/GPU default): each device sends exactly the token copies routed to each other
   device's experts with `jax.lax.ragged_all_to_all`, computes, and sends the results back. XLA:CPU has no
@@ -12,52 +12,47 @@ reach the devices holding their experts in one of two ways, equal in value:
 
 Dropless by default. With `capacity_factor` c, each expert on each device accepts at most
 ceil(c * G * k / E) token copies of its group of G tokens (the tokens exchanged over the `expert` axis),
-first come first served in token order; the rest are dropped (contribute zero) and counted: each block
-sows its count as `nnx.Intermediate` 'dropped_tokens'; run the model under
+first come first served in token order; the rest are dropped (contribute zero) and counted: `experts_parallel`
+returns the count, which each MoE block sows as `nnx.Intermediate` 'dropped_tokens'; run the model under
 `nnx.capture(fn, nnx.Intermediate)` and sum with `dropped_tokens(intermediates)`.
 
-Selected by `jaxmoe.parallel.sharding.shard_model(model, mesh, dispatch=..., capacity_factor=...)`, which sets
-each MoEBlock's `impl` to "expert_parallel" and its `expert_parallel` settings.
+The mesh is the context mesh (`with jax.set_mesh(mesh): ...`); a MoE block runs this with
+`block.set_impl("expert_parallel", dispatch=..., capacity_factor=...)`.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from jaxmoe.kernels.grouped import grouped_mlp
-from jaxmoe.nn.moe import EXPERT_IMPLS, Routing
+from jaxmoe.kernels.backend import grouped_mlp, platform
+from jaxmoe.kernels.grouped import Experts, stack_experts
+from jaxmoe.nn.router import Routing
 
-IMPL_NAME = "expert_parallel"
 DISPATCHES = ("auto", "allgather", "ragged_a2a", "a2a_emulated")
 TOKEN_AXES = ("data", "fsdp", "expert")  # mesh axes that may split the tokens entering a MoE block
-
-
-@dataclasses.dataclass(frozen=True)
-class ExpertParallel:
-    """Settings of an expert-parallel MoE block (static, hashable: part of the model's graph)."""
-
-    mesh: Mesh | None = None
-    dispatch: str = "auto"
-    capacity_factor: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.dispatch not in DISPATCHES:
-            raise ValueError(f"dispatch: '{self.dispatch}' is not one of {', '.join(DISPATCHES)}")
-        if self.capacity_factor is not None and not self.capacity_factor > 0:
-            raise ValueError(f"capacity_factor must be positive, got {self.capacity_factor}")
+MESH_AXES = ("expert", "tensor")  # the axes the expert weights are split over
 
 
 def resolve_dispatch(dispatch: str) -> str:
-    """'auto' -> 'ragged_a2a' where the backend implements ragged_all_to_all (TPU, GPU), else 'allgather'."""
+    """A dispatch of DISPATCHES, with 'auto' resolved: 'ragged_a2a' where the backend implements
+    ragged_all_to_all (TPU, GPU), else 'allgather'. ValueError naming the choices for another name."""
+    if dispatch not in DISPATCHES:
+        raise ValueError(f"dispatch: {dispatch!r} is not one of {', '.join(DISPATCHES)}")
     if dispatch == "auto":
-        return "ragged_a2a" if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else "allgather"
+        return "ragged_a2a" if platform() in ("tpu", "gpu", "cuda", "rocm") else "allgather"
     return dispatch
+
+
+def check_capacity_factor(capacity_factor: float | None) -> float | None:
+    """`capacity_factor` when None (dropless) or positive, else ValueError."""
+    if capacity_factor is not None and not capacity_factor > 0:
+        raise ValueError(f"capacity_factor must be positive, got {capacity_factor}")
+    return capacity_factor
 
 
 def capacity(capacity_factor: float | None, group_tokens: int, k: int, num_experts: int) -> int | None:
@@ -67,11 +62,24 @@ def capacity(capacity_factor: float | None, group_tokens: int, k: int, num_exper
     return max(1, math.ceil(capacity_factor * group_tokens * k / num_experts))
 
 
-def _size(mesh: Mesh, axis: str) -> int:
+def context_mesh() -> AbstractMesh:
+    """The context mesh (`jax.set_mesh`), checked to have the expert and tensor axes (ValueError if not)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        raise ValueError("expert_parallel runs under a context mesh (`with jax.set_mesh(mesh): ...`), and none "
+                         "is set")
+    missing = [a for a in MESH_AXES if a not in mesh.axis_names]
+    if missing:
+        raise ValueError(f"expert_parallel: the context mesh's axes {', '.join(mesh.axis_names)} lack "
+                         f"{', '.join(missing)}; build meshes with jaxmoe.parallel.mesh.make_mesh")
+    return mesh
+
+
+def _size(mesh: AbstractMesh, axis: str) -> int:
     return int(mesh.shape.get(axis, 1))
 
 
-def token_axes(mesh: Mesh, n: int) -> tuple[str, ...]:
+def token_axes(mesh: AbstractMesh, n: int) -> tuple[str, ...]:
     """The longest prefix of data/fsdp/expert (axes larger than 1) whose product divides the n tokens."""
     axes: list[str] = []
     for a in TOKEN_AXES:
@@ -85,12 +93,6 @@ def token_axes(mesh: Mesh, n: int) -> tuple[str, ...]:
 # ---- per-device pieces --------------------------------------------------------------------------------
 
 
-def _expert_mlp(xs: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array, sizes: jax.Array,
-                activation: str) -> jax.Array:
-    """Grouped MLP on rows sorted by expert; rows past sum(sizes) come out zero."""
-    return grouped_mlp(xs, sizes, wg, wu, wd, activation)
-
-
 def _rank_in_group(keys_sorted: jax.Array, sizes: jax.Array) -> jax.Array:
     """Position of each sorted row inside its group (keys past the last group rank as 0)."""
     starts = jnp.cumsum(sizes) - sizes
@@ -99,7 +101,7 @@ def _rank_in_group(keys_sorted: jax.Array, sizes: jax.Array) -> jax.Array:
 
 
 def local_experts(x: jax.Array, local_ids: jax.Array, weights: jax.Array, wg: jax.Array, wu: jax.Array,
-                  wd: jax.Array, activation: str, cap: int | None) -> tuple[jax.Array, jax.Array]:
+                  wd: jax.Array, activation: str, cap: int | None, kernel: str) -> tuple[jax.Array, jax.Array]:
     """Output (float32 [n, H]) of the experts held here on the token copies routed to them.
 
     local_ids [n, k]: expert index among the local ones, outside [0, E_local) for other devices' experts.
@@ -115,19 +117,19 @@ def local_experts(x: jax.Array, local_ids: jax.Array, weights: jax.Array, wg: ja
     sizes = jnp.bincount(key, length=e_loc + 1)[:e_loc].astype(jnp.int32)
     mine = key_s < e_loc
     keep = mine if cap is None else mine & (_rank_in_group(key_s, sizes) < cap)
-    y = _expert_mlp(x[token], wg, wu, wd, sizes, activation)
+    y = grouped_mlp(x[token], sizes, wg, wu, wd, activation, kernel)
     w = jnp.where(keep, weights.reshape(-1)[order], 0.0)
     out = jnp.zeros((n, x.shape[1]), jnp.float32).at[token].add(y.astype(jnp.float32) * w[:, None])
     return out, jnp.sum(mine & ~keep).astype(jnp.int32)
 
 
-def _allgather_device(x, experts, weights, wg, wu, wd, *, activation, cap, gather, count_axes):
+def _allgather_device(x, experts, weights, wg, wu, wd, *, activation, cap, gather, count_axes, kernel):
     """shard_map body of the all-gather dispatch."""
     if gather:
         x, experts, weights = (jax.lax.all_gather(a, "expert", axis=0, tiled=True) for a in (x, experts, weights))
     e_loc = wg.shape[0]
     local = experts - jax.lax.axis_index("expert") * e_loc
-    y, dropped = local_experts(x, local, weights, wg, wu, wd, activation, cap)
+    y, dropped = local_experts(x, local, weights, wg, wu, wd, activation, cap, kernel)
     if gather:
         y = jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
         y = jax.lax.psum(y, "tensor")
@@ -136,8 +138,9 @@ def _allgather_device(x, experts, weights, wg, wu, wd, *, activation, cap, gathe
     return y, jax.lax.psum(dropped, count_axes)
 
 
-def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
-                               axis_name: str):
+def emulated_ragged_all_to_all(operand: jax.Array, output: jax.Array, input_offsets: jax.Array,
+                               send_sizes: jax.Array, output_offsets: jax.Array, recv_sizes: jax.Array, *,
+                               axis_name: str) -> jax.Array:
     """`jax.lax.ragged_all_to_all` from a padded dense all_to_all, for backends without it (XLA:CPU)."""
     m = operand.shape[0]
     rows = jnp.arange(m)
@@ -150,7 +153,7 @@ def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outpu
     return output.at[dst.reshape(-1)].set(got.reshape((-1,) + got.shape[2:]), mode="drop")
 
 
-def _a2a_device(x, experts, weights, wg, wu, wd, *, activation, cap, count_axes, emulate):
+def _a2a_device(x, experts, weights, wg, wu, wd, *, activation, cap, count_axes, emulate, kernel):
     """shard_map body of the ragged all-to-all dispatch (tokens split over `expert`)."""
     a2a = functools.partial(emulated_ragged_all_to_all if emulate else jax.lax.ragged_all_to_all,
                             axis_name="expert")
@@ -181,7 +184,7 @@ def _a2a_device(x, experts, weights, wg, wu, wd, *, activation, cap, count_axes,
     sizes = recv_counts.sum(0)
     mine = local_s < e_loc
     keep = mine if cap is None else mine & (_rank_in_group(local_s, sizes) < cap)
-    y = _expert_mlp(recv[order2], wg, wu, wd, sizes, activation)
+    y = grouped_mlp(recv[order2], sizes, wg, wu, wd, activation, kernel)
     y = jnp.where(keep[:, None], y, 0)
     y = jnp.zeros_like(y).at[order2].set(y)  # back to arrival order
     back_offsets = jax.lax.all_to_all(input_offsets, "expert", 0, 0, tiled=True)
@@ -193,51 +196,43 @@ def _a2a_device(x, experts, weights, wg, wu, wd, *, activation, cap, count_axes,
     return out, jax.lax.psum(jnp.sum(mine & ~keep).astype(jnp.int32), count_axes)
 
 
-# ---- the registered implementation ---------------------------------------------------------------------
+# ---- the dispatch ----------------------------------------------------------------------------------
 
 
-def _context_mesh() -> Mesh | None:
-    mesh = jax.sharding.get_abstract_mesh()
-    return None if mesh is None or mesh.empty else mesh
+def experts_parallel(x: jax.Array, r: Routing, wg: Experts, wu: Experts, wd: Experts, activation: str, *,
+                     dispatch: str, capacity_factor: float | None, kernel: str) -> tuple[jax.Array, jax.Array]:
+    """Experts over the context mesh's `expert` axis: (y [N, H], token copies dropped by capacity, int32).
 
-
-def experts_parallel(x: jax.Array, r: Routing, wg: jax.Array, wu: jax.Array, wd: jax.Array, activation: str,
-                     *, block: nnx.Module | None = None) -> jax.Array:
-    """EXPERT_IMPLS["expert_parallel"]: experts over the mesh of `block.expert_parallel` (or the mesh set
-    with `jax.set_mesh`); one device without a mesh. Sows the dropped count when a capacity is set."""
-    ep = getattr(block, "expert_parallel", None) or ExpertParallel()
-    mesh = ep.mesh or _context_mesh()
+    x [N, H] tokens and r their routing; weights stacked [E, H, I] / [E, I, H] (per-expert sequences are
+    stacked); `dispatch` one of DISPATCHES ('auto' resolved here), `capacity_factor` None for dropless,
+    `kernel` the grouped kernel (`jaxmoe.kernels.backend.KERNELS`) each device runs on its rows."""
+    mesh = context_mesh()
+    wg, wu, wd = stack_experts(wg), stack_experts(wu), stack_experts(wd)
     n, k = r.experts.shape
     num_experts = wg.shape[0]
     experts = r.experts.astype(jnp.int32)
-    if mesh is None or mesh.size == 1:
-        cap = capacity(ep.capacity_factor, n, k, num_experts)
-        y, dropped = local_experts(x, experts, r.weights, wg, wu, wd, activation, cap)
-    else:
-        e = _size(mesh, "expert")
-        tok = token_axes(mesh, n)
-        group = n // math.prod(_size(mesh, a) for a in tok) * (e if "expert" in tok else 1)
-        cap = capacity(ep.capacity_factor, group, k, num_experts)
-        dispatch = resolve_dispatch(ep.dispatch)
-        # Drops are counted once per expert (sum over `expert`) and per token group (sum over data/fsdp).
-        count_axes = ("expert",) + tuple(a for a in tok if a != "expert")
-        if dispatch != "allgather" and "expert" in tok:
-            body = functools.partial(_a2a_device, activation=activation, cap=cap, count_axes=count_axes,
-                                     emulate=dispatch == "a2a_emulated")
-        else:  # all-gather; also whenever the tokens are replicated over `expert` (nothing to exchange)
-            body = functools.partial(_allgather_device, activation=activation, cap=cap,
-                                     gather="expert" in tok, count_axes=count_axes)
-        t = P(tok or None)
-        w_in, w_out = P("expert", None, "tensor"), P("expert", "tensor", None)
-        y, dropped = jax.shard_map(body, mesh=mesh, in_specs=(t, t, t, w_in, w_in, w_out),
-                                   out_specs=(t, P()))(x, experts, r.weights, wg, wu, wd)
-    if ep.capacity_factor is not None and block is not None:
-        block.sow(nnx.Intermediate, "dropped_tokens", dropped)
-    return y.astype(x.dtype)
-
-
-experts_parallel.takes_block = True  # jaxmoe.nn.moe.MoEBlock passes itself (mesh, capacity, dropped stat)
-EXPERT_IMPLS[IMPL_NAME] = experts_parallel
+    if mesh.size == 1:
+        cap = capacity(capacity_factor, n, k, num_experts)
+        y, dropped = local_experts(x, experts, r.weights, wg, wu, wd, activation, cap, kernel)
+        return y.astype(x.dtype), dropped
+    e = _size(mesh, "expert")
+    tok = token_axes(mesh, n)
+    group = n // math.prod(_size(mesh, a) for a in tok) * (e if "expert" in tok else 1)
+    cap = capacity(capacity_factor, group, k, num_experts)
+    dispatch = resolve_dispatch(dispatch)
+    # Drops are counted once per expert (sum over `expert`) and per token group (sum over data/fsdp).
+    count_axes = ("expert",) + tuple(a for a in tok if a != "expert")
+    if dispatch != "allgather" and "expert" in tok:
+        body = functools.partial(_a2a_device, activation=activation, cap=cap, count_axes=count_axes,
+                                 emulate=dispatch == "a2a_emulated", kernel=kernel)
+    else:  # all-gather; also whenever the tokens are replicated over `expert` (nothing to exchange)
+        body = functools.partial(_allgather_device, activation=activation, cap=cap,
+                                 gather="expert" in tok, count_axes=count_axes, kernel=kernel)
+    t = P(tok or None)
+    w_in, w_out = P("expert", None, "tensor"), P("expert", "tensor", None)
+    y, dropped = jax.shard_map(body, mesh=mesh, in_specs=(t, t, t, w_in, w_in, w_out),
+                               out_specs=(t, P()))(x, experts, r.weights, wg, wu, wd)
+    return y.astype(x.dtype), dropped
 
 
 def dropped_tokens(source: nnx.Module | nnx.State, reset: bool = True,

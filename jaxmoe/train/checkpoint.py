@@ -3,10 +3,12 @@
 A checkpoint directory (`OUT/checkpoints`) holds one numbered folder per saved step, each with three
 items: `params` ({"frozen": {path: array}, "trainable": {path: array}}; trainable parameters in the
 master dtype), `opt_state` (the optax state of the trainable parameters) and `meta` (JSON: step, data
-position, PRNG key, ModelConfig, tokenizer path, which parameters train, dtypes). `load_orbax_model`
-turns any of them back into a Transformer without the optimizer state; with a mesh it restores every
-parameter straight into its sharding, each process reading only its devices' slices
-(`jaxmoe.train.checkpoint_sharded`).
+position, PRNG key, ModelConfig, tokenizer path, which parameters train, dtypes). A model stored as an orbax
+checkpoint (`save_orbax_model`) is one step whose parameters are all frozen, by LOGICAL name
+('layers.3.attn.q_proj', as `jaxmoe.nn.model.param_slots` names them), so it reads back whatever way the model
+keeps its layers. Any of them loads as a model through the one loader, `converters.load` (the parameters are
+read by `jaxmoe.train.checkpoint_sharded.OrbaxParams`); this module keeps what a training run needs to save and
+restore itself.
 
 Arrays are written in bounded zarr chunks (`CHUNK_BYTES`, one expert per chunk along an expert axis), so
 a slice is read as roughly its own bytes whatever mesh the checkpoint is later loaded onto.
@@ -16,17 +18,15 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import Mesh
 
 from jaxmoe.nn.config import ModelConfig
-from jaxmoe.nn.model import Transformer
+from jaxmoe.nn.model import Transformer, param_slots
 
 FORMAT = "jaxmoe-checkpoint-1"
 
@@ -96,10 +96,13 @@ def state_from_flat(flat: dict[str, Any]) -> nnx.State:
 
 
 def param_axes(config: ModelConfig) -> dict[str, tuple]:
-    """{dotted path: logical axes} of every parameter of a `config` model (no memory allocated)."""
+    """{name: logical axes} of every parameter of a `config` model (no memory allocated), under both its dotted
+    state path (what a run's flat parameter dicts hold) and its logical name (what model checkpoints hold; a
+    layer of a stacked array has the array's axes without the leading layer axes)."""
     model = nnx.eval_shape(lambda: Transformer(config))
-    return {path_key(p): tuple(v.get_metadata().get("axes") or ())
+    axes = {path_key(p): tuple(v.get_metadata().get("axes") or ())
             for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)}
+    return {**axes, **{name: axes[s.path][len(s.index):] for name, s in param_slots(model).items()}}
 
 
 def storage_args(tree: Any, axes: dict[str, tuple] | None = None, chunk_bytes: int = CHUNK_BYTES) -> Any:
@@ -248,100 +251,22 @@ def save_frozen(path: str | Path, frozen: dict[str, jax.Array], config: ModelCon
     ckptr.close()
 
 
-def restore_frozen(path: str | Path, abstract: dict[str, Any]) -> dict[str, jax.Array]:
-    """Read what `save_frozen` wrote, as `abstract` (ShapeDtypeStructs, shardings honoured) says."""
-    return _restore_item(Path(path).absolute(), abstract, "the frozen parameters")
-
-
 def check_item(directory: Path, what: str) -> None:
     """FileNotFoundError (one line) unless the orbax item `directory` exists."""
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: {what} of the checkpoint are missing")
 
 
-def _restore_item(directory: Path, abstract: dict[str, Any], what: str) -> dict[str, Any]:
-    """Restore one PyTree item with orbax; any failure to read it is one CheckpointCorrupt line."""
-    check_item(directory, what)
-    ckptr = ocp.StandardCheckpointer()
-    try:
-        return ckptr.restore(directory, abstract)
-    except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for damaged files
-        raise CheckpointCorrupt(f"{directory}: cannot read {what} ({first_line(e)})") from None
-    finally:
-        ckptr.close()
-
-
-ReadItem = Callable[[Path, dict, str], dict]  # (item directory, abstract tree, what) -> restored tree
-
-
-def read_model_params(root: Path, step: int, meta: dict[str, Any], target: Callable[[str, str], Any],
-                      names: set[str], default_dtype: str, read_item: ReadItem | None = None
-                      ) -> dict[str, jax.Array]:
-    """Every parameter of a model checkpoint's step (its own params item plus the run's frozen directory),
-    restored as `target(name, saved dtype)` (a ShapeDtypeStruct, with a sharding or not) says; `names` are
-    the model's parameters. `read_item` reads one orbax item (default: orbax's own restore).
-    CheckpointMismatch for unknown or missing parameters, FileNotFoundError for a missing item."""
-    where = root / str(step)
-    groups, dtypes = meta.get("param_groups") or {}, meta.get("dtypes") or {}
-    abstract: dict[str, dict[str, Any]] = {}
-    for group in ("frozen", "trainable"):
-        unknown = [n for n in groups.get(group, []) if n not in names]
-        if unknown:
-            raise CheckpointMismatch(f"{where}: parameter '{unknown[0]}' is not in this model")
-        dt = dtypes.get(group, default_dtype)
-        abstract[group] = {n: target(n, dt) for n in groups.get(group, [])}
-    frozen_dir = root.parent / meta["frozen_dir"] if meta.get("frozen_dir") and abstract["frozen"] else None
-    in_step = {g: a for g, a in abstract.items() if a and not (g == "frozen" and frozen_dir)}
-    read = read_item or _restore_item
-    flat: dict[str, Any] = {}
-    if in_step:
-        for group in read(where / "params", in_step, "the parameters").values():
-            flat.update(group)
-    if frozen_dir is not None:
-        flat.update(read(frozen_dir, abstract["frozen"], "the frozen parameters"))
-    missing = sorted(names - set(flat))
-    if missing:
-        raise CheckpointMismatch(f"{where}: parameter '{missing[0]}' is missing")
-    return flat
-
-
-def load_orbax_model(path: str | Path, dtype: str | None = None,
-                     mesh: Mesh | str | None = None, *, dispatch: str = "auto",
-                     capacity_factor: float | None = None) -> Transformer:
-    """A Transformer from a jaxmoe orbax checkpoint: a training run's output dir, its `checkpoints/` dir
-    (the newest step) or one step's dir. Trainable parameters kept in a float32 master copy are cast to
-    `dtype` (default: the model's dtype when it was trained).
-
-    mesh (a `jax.sharding.Mesh` or a spec such as 'expert=4,data=2'): every parameter is restored straight
-    into its sharding, each process reading only its own devices' slices, and the MoE blocks run expert
-    parallel (`dispatch`, `capacity_factor` as in `jaxmoe.parallel.sharding.shard_model`); see
-    `jaxmoe.train.checkpoint_sharded`."""
-    if mesh is not None:
-        from jaxmoe.train.checkpoint_sharded import load_orbax_model_sharded
-
-        return load_orbax_model_sharded(path, mesh, dtype, dispatch=dispatch,
-                                        capacity_factor=capacity_factor)
-    root, step = locate_checkpoint(path)
-    meta = read_orbax_meta(root / str(step))
-    config = meta_config(meta, root / str(step))
-    model = nnx.eval_shape(lambda: Transformer(config, dtype=dtype))
-    graphdef, state = nnx.split(model)
-    shapes = flat_params(state)
-    flat = read_model_params(root, step, meta, lambda n, dt: jax.ShapeDtypeStruct(shapes[n].shape, jnp.dtype(dt)),
-                             set(shapes), config.dtype)
-    target = jnp.dtype(model.config.dtype)
-    values = {k: jnp.asarray(np.asarray(v)).astype(target) for k, v in flat.items()}
-    return nnx.merge(graphdef, state_from_flat(values))
-
-
 def save_orbax_model(model: Transformer, path: str | Path, tokenizer: str | None = None,
                      chunk_bytes: int = CHUNK_BYTES) -> Path:
-    """Write `model` as a one-step (step 0) jaxmoe orbax checkpoint at `path` (a new directory), in zarr
-    chunks of at most `chunk_bytes` (one expert per chunk), so sharded loads read only their slices."""
+    """Write `model` as a one-step (step 0) jaxmoe orbax checkpoint at `path` (a new directory), its parameters
+    by logical name, in zarr chunks of at most `chunk_bytes` (one expert per chunk), so sharded loads read only
+    their slices."""
     path = Path(path).absolute()
     if path.exists() and any(path.iterdir()):
         raise FileExistsError(f"{path} exists and is not empty")
-    flat = flat_params(nnx.state(model))
+    arrays = flat_params(nnx.state(model, nnx.Param))
+    flat = {name: arrays[s.path][s.index] if s.index else arrays[s.path] for name, s in param_slots(model).items()}
     ckpt = Checkpointer(path, keep=1, use_async=False, chunk_bytes=chunk_bytes)
     meta = {"step": 0, "model_config": config_to_json(model.config), "tokenizer": tokenizer,
             "param_groups": {"frozen": sorted(flat), "trainable": []},

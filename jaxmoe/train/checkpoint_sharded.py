@@ -1,47 +1,41 @@
-"""Sharded loading of jaxmoe orbax checkpoints: each process reads only the chunks its own devices need.
+"""The parameters of a jaxmoe orbax checkpoint by logical name, read region by region with tensorstore, so that
+each process reads only the chunks its own devices need.
 
-The mesh is checked against the checkpoint's ModelConfig before any array is read. Every parameter is then
-built with `jax.make_array_from_callback` in its NamedSharding (the rule table of `jaxmoe.parallel.sharding`): this
-process's devices' regions are read with tensorstore from the orbax item (zarr arrays, in OCDBT as orbax
-writes them by default). When the local regions tile one box, as they do on meshes from `make_mesh` (a
-process's devices are contiguous in it), the box is read once, so every stored chunk is read at most once
-per process; otherwise each distinct region is read through a chunk cache. `jaxmoe.train.checkpoint` writes
-arrays in bounded chunks (one expert per chunk along the expert axis), so a process reads about the bytes
-of its own slices and no host holds a full copy of the model.
+`OrbaxParams` is the orbax `ParamSource` of the one loader (`converters.load.materialize`): it finds every
+parameter of the model in the checkpoint (a step's `params` item, plus the run's `frozen/` directory), checks its
+shape before anything is read, and reads any region of it. Regions are read straight from the stored zarr arrays
+(in OCDBT, as orbax writes them by default): when the regions asked for tile one box, as the local devices' regions
+do on meshes from `make_mesh` (a process's devices are contiguous in it), the box is read once, so every stored
+chunk is read at most once per process; otherwise each region is read through a chunk cache.
+`jaxmoe.train.checkpoint` writes arrays in bounded chunks (one expert per chunk along the expert axis), so a
+process reads about the bytes of its own slices and no host holds a full copy of the model.
 
 (Orbax's own sharded restore reads once per device region: a chunk spanning the regions of several local
 devices, e.g. fsdp=16 over 4-device hosts, would be read once for each of them.)
 
-    model = load_orbax_model_sharded("run/checkpoints", "expert=4,data=2")
-    # or: converters.load("run/checkpoints", mesh="expert=4,data=2")
+Names: model checkpoints store LOGICAL names ('layers.3.attn.q_proj'); a parameter is found under its logical
+name, or else under its slot's state path ('stacks.0.attn.q_proj', a stacked array whose leading indices are the
+slot's), which is what a training run stores when its model keeps layers stacked.
 """
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
-from flax import nnx
-from jax.sharding import Mesh, NamedSharding
 
-from jaxmoe.parallel import sharding
-from jaxmoe.train.checkpoint import (CheckpointCorrupt, CheckpointMismatch, check_item, first_line, flat_params,
-                               locate_checkpoint, meta_config, read_model_params, read_orbax_meta, state_from_flat)
-from jaxmoe.nn.model import Transformer
+from jaxmoe.train.checkpoint import (FORMAT, CheckpointCorrupt, CheckpointMismatch, check_item, first_line,
+                                     locate_checkpoint, meta_config, read_orbax_meta)
 
 READ_CACHE_BYTES = 64 << 20  # decoded chunks kept while the regions of one array are read (non-box layouts)
 Box = tuple[tuple[int, int], ...]
 
 
-def _box(index: tuple, shape: tuple[int, ...]) -> Box:
-    """A device's index (slices) as ((start, stop), ...) over every dimension."""
-    return tuple(sl.indices(n)[:2] for sl, n in zip(tuple(index) + (slice(None),) * (len(shape) - len(index)),
-                                                     shape))
+def _volume(box: Box) -> int:
+    return math.prod(b - a for a, b in box)
 
 
 class ItemReader:
@@ -74,86 +68,107 @@ class ItemReader:
                 "recheck_cached_metadata": False, "fill_missing_data_reads": self.fill_missing}
         return ts.open(spec, open=True, read=True, context=self.context).result()
 
-    def array(self, name: str, target: jax.ShapeDtypeStruct) -> jax.Array:
-        """Stored array `name` as a jax.Array in `target`'s sharding and dtype, reading this process's part."""
-        store = self.open(name)
-        shape = tuple(target.shape)
-        if tuple(store.shape) != shape:
-            raise CheckpointMismatch(f"{self.directory}: '{name}' has shape {tuple(store.shape)}, the model "
-                                     f"needs {shape}")
-        dtype = np.dtype(target.dtype)
-        regions = {_box(i, shape) for i in target.sharding.addressable_devices_indices_map(shape).values()}
-        lo = tuple(min(r[d][0] for r in regions) for d in range(len(shape)))
-        hi = tuple(max(r[d][1] for r in regions) for d in range(len(shape)))
-        volume = lambda r: math.prod(b - a for a, b in r)  # noqa: E731
-        whole: np.ndarray | None = None
-        if volume(tuple(zip(lo, hi))) == sum(volume(r) for r in regions):  # the regions tile one box
-            whole = self._read(store, tuple(zip(lo, hi)))
-        pieces: dict[Box, np.ndarray] = {}
-
-        def piece(index: tuple) -> np.ndarray:
-            r = _box(index, shape)
-            if r not in pieces:  # devices holding the same region share one read and one cast
-                part = whole[tuple(slice(a - o, b - o) for (a, b), o in zip(r, lo))] if whole is not None \
-                    else self._read(store, r)
-                pieces[r] = np.asarray(part, dtype=dtype)
-            return pieces[r]
-
-        return jax.make_array_from_callback(shape, target.sharding, piece)
-
     @staticmethod
-    def _read(store: ts.TensorStore, region: Box) -> np.ndarray:
-        return store[tuple(slice(a, b) for a, b in region)].read().result()
+    def read(store: ts.TensorStore, boxes: Sequence[Box]) -> list[np.ndarray]:
+        """`store` over each box; boxes that tile one box are read as that box, once."""
+        lo = tuple(min(b[d][0] for b in boxes) for d in range(store.rank))
+        hi = tuple(max(b[d][1] for b in boxes) for d in range(store.rank))
+        if len(boxes) > 1 and _volume(tuple(zip(lo, hi))) == sum(_volume(b) for b in set(boxes)):
+            whole = store[tuple(slice(a, b) for a, b in zip(lo, hi))].read().result()
+            return [whole[tuple(slice(a - o, b - o) for (a, b), o in zip(box, lo))] for box in boxes]
+        return [store[tuple(slice(a, b) for a, b in box)].read().result() for box in boxes]
 
-    def read(self, abstract: dict, what: str) -> dict:
-        """`abstract` (nested dicts of sharded ShapeDtypeStructs, keys as saved) restored; one-line errors."""
-        def one(path: tuple, target: jax.ShapeDtypeStruct) -> jax.Array:
-            name = ".".join(str(k.key) for k in path)
-            if name not in self.names:
-                raise CheckpointMismatch(f"{self.directory}: parameter '{name}' is missing")
+
+class OrbaxParams:
+    """A jaxmoe orbax checkpoint (a run directory, its `checkpoints/` directory (the newest step) or one step's
+    directory) as our parameters by logical name: the orbax `ParamSource` of `converters.load`.
+
+    `config` is the ModelConfig in the step's metadata, `meta` the metadata. FileNotFoundError /
+    CheckpointCorrupt (one line) for a missing path or unreadable metadata, here; CheckpointMismatch /
+    CheckpointCorrupt from `check` and `read` for arrays that do not fit the model or cannot be read."""
+
+    def __init__(self, path: str | Path) -> None:
+        root, step = locate_checkpoint(path)
+        self.where = root / str(step)
+        self.meta = read_orbax_meta(self.where)
+        if self.meta.get("format", FORMAT) != FORMAT:
+            raise CheckpointCorrupt(f"{self.where / 'meta' / 'metadata'}: checkpoint format '{self.meta['format']}' "
+                                    f"is not {FORMAT}, the one this jaxmoe reads; convert it to HF with the jaxmoe "
+                                    "that wrote it (`jaxmoe convert IN OUT`)")
+        self.config = meta_config(self.meta, self.where)
+        groups = self.meta.get("param_groups") or {}
+        frozen_dir = root.parent / self.meta["frozen_dir"] if self.meta.get("frozen_dir") and groups.get("frozen") \
+            else None
+        # stored name -> (item directory, its key in the item, what the item is, for messages)
+        self.stored: dict[str, tuple[Path, str, str]] = {}
+        for group in ("frozen", "trainable"):
+            for name in groups.get(group, []):
+                self.stored[name] = (frozen_dir, name, "the frozen parameters") if group == "frozen" and frozen_dir \
+                    else (self.where / "params", f"{group}.{name}", "the parameters")
+        self._items: dict[Path, ItemReader] = {}
+        self._stores: dict[tuple[Path, str], ts.TensorStore] = {}
+        self._found: dict[str, tuple[tuple[Path, str, str], tuple[int, ...]]] = {}  # name -> (stored, index)
+
+    def _open(self, stored: tuple[Path, str, str]) -> ts.TensorStore:
+        item, key, what = stored
+        if (item, key) not in self._stores:
+            if item not in self._items:
+                check_item(item, what)
+                self._items[item] = ItemReader(item)
+            if key not in self._items[item].names:
+                raise CheckpointMismatch(f"{item}: parameter '{key}' is missing")
             try:
-                return self.array(name, target)
-            except (CheckpointMismatch, CheckpointCorrupt):
-                raise
+                self._stores[item, key] = self._items[item].open(key)
             except Exception as e:  # noqa: BLE001 - tensorstore reports damaged files in several types
-                raise CheckpointCorrupt(f"{self.directory}: cannot read {what} ({name}: {first_line(e)})") from None
+                raise CheckpointCorrupt(f"{item}: cannot read {what} ({key}: {first_line(e)})") from None
+        return self._stores[item, key]
 
-        return jax.tree_util.tree_map_with_path(one, abstract)
+    def check(self, targets: Mapping[str, Any]) -> None:
+        """Find every parameter (`targets`: logical name -> (shape, slot)) with its shape, before any is read."""
+        known = set(targets) | {t.slot.path for t in targets.values()}
+        unknown = [n for n in self.stored if n not in known]
+        if unknown:
+            raise CheckpointMismatch(f"{self.where}: parameter '{unknown[0]}' is not in this model")
+        for name, t in targets.items():
+            shape, slot = tuple(t.shape), t.slot
+            places = [(name, ())] if name in self.stored else []
+            if slot.path != name and slot.path in self.stored:
+                places.append((slot.path, tuple(slot.index)))
+            if not places:
+                raise CheckpointMismatch(f"{self.where}: parameter '{name}' is missing")
+            for key, index in places:
+                stored_shape = tuple(self._open(self.stored[key]).shape)
+                if stored_shape[len(index):] == shape and all(i < n for i, n in zip(index, stored_shape)):
+                    self._found[name] = (self.stored[key], index)
+                    break
+            else:
+                raise CheckpointMismatch(f"{self.stored[key][0]}: '{self.stored[key][1]}' has shape {stored_shape}, "
+                                         f"the model needs {shape}; the checkpoint's arrays do not fit its "
+                                         "model_config (rewrite it with `jaxmoe convert IN OUT --to orbax`)")
 
+    def read(self, name: str, regions: Sequence[tuple[slice, ...]] | None = None,
+             outs: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
+        """Parameter `name` over each region (default: the whole of it), in its stored dtype, or written into
+        `outs` (cast to their dtype) when given. Needs `check` first."""
+        stored, index = self._found[name]
+        store = self._open(stored)
+        lead = tuple((i, i + 1) for i in index)
+        if regions is None:
+            regions = [tuple(slice(0, n) for n in store.shape[len(index):])]
+        boxes = [lead + tuple((r.start, r.stop) for r in region) for region in regions]
+        try:
+            arrays = ItemReader.read(store, boxes)
+        except Exception as e:  # noqa: BLE001 - tensorstore reports damaged files in several types
+            item, key, what = stored
+            raise CheckpointCorrupt(f"{item}: cannot read {what} ({key}: {first_line(e)})") from None
+        result = []
+        for i, a in enumerate(arrays):
+            a = a.reshape(a.shape[len(index):])
+            if outs is not None:
+                np.copyto(outs[i], a, casting="unsafe")
+                a = outs[i]
+            result.append(a)
+        return result
 
-def read_item_sharded(directory: Path, abstract: dict, what: str) -> dict:
-    """Restore one orbax item into the shardings of `abstract`, reading only this process's regions."""
-    check_item(directory, what)
-    return ItemReader(directory).read(abstract, what)
-
-
-def load_orbax_model_sharded(path: str | Path, mesh: Mesh | str, dtype: str | None = None,
-                             *, dispatch: str = "auto",
-                             capacity_factor: float | None = None) -> Transformer:
-    """A Transformer from a jaxmoe orbax checkpoint (run dir, checkpoints dir or step dir) with every
-    parameter placed on `mesh` (a Mesh or a spec such as 'expert=4,data=2') by `jaxmoe.parallel.sharding`'s rule
-    table, and its MoE blocks switched to expert parallelism (`dispatch`, `capacity_factor` as in
-    `sharding.shard_model`). Parameters are cast to `dtype` (default: the model's dtype) after reading.
-
-    Every process of a multi-host job calls it (no collective is needed); each reads only the chunks of its
-    own devices' slices. MeshError (one line) when the mesh does not divide the model, before any array is
-    read; FileNotFoundError / CheckpointCorrupt / CheckpointMismatch for missing or damaged checkpoints."""
-    mesh = sharding.make_mesh(mesh) if isinstance(mesh, str) else mesh
-    root, step = locate_checkpoint(path)
-    meta = read_orbax_meta(root / str(step))
-    config = meta_config(meta, root / str(step))
-    sharding.check_mesh(config, mesh)
-    model = nnx.eval_shape(lambda: Transformer(config, dtype=dtype))
-    specs = sharding.param_specs(model, mesh)  # also raises MeshError for a dimension that does not divide
-    graphdef, state = nnx.split(model)
-    shapes = {k: v.shape for k, v in flat_params(state).items()}
-    target = jnp.dtype(model.config.dtype)
-
-    def abstract(name: str, saved_dtype: str) -> Any:
-        return jax.ShapeDtypeStruct(shapes[name], target, sharding=NamedSharding(mesh, specs[name]))
-
-    flat = read_model_params(root, step, meta, abstract, set(shapes), config.dtype, read_item_sharded)
-    model = nnx.merge(graphdef, state_from_flat(flat))
-    sharding.enable_expert_parallel(model, mesh, dispatch=dispatch, capacity_factor=capacity_factor)
-    sharding.attach_mesh(model, mesh)
-    return model
+    def done(self, name: str) -> None:
+        """Parameter `name` is copied (nothing to release: tensorstore keeps only its bounded chunk cache)."""

@@ -55,7 +55,7 @@ class TrainConfig:
     eval_every: int = 0
     log_every: int = 10
     mesh: str | None = None
-    moe_impl: str = "ragged"
+    moe_impl: str = "grouped"  # or "dense"; with a `mesh` the MoE blocks run "expert_parallel" instead
 
 
 # YAML key -> (TrainConfig field, kind); kinds: str, int, float, bool, paths; a trailing '?' allows null.
@@ -83,7 +83,7 @@ REQUIRED = ("model", "output_dir", "data.train")
 SECTIONS = {k.split(".")[0] for k in SCHEMA if "." in k}
 CHOICES = {"trainable": TRAINABLE, "optimizer.name": ("adamw", "sgd"), "optimizer.schedule": ("cosine", "constant"),
            "precision.param_dtype": DTYPES, "precision.master_dtype": ("float32", "param"),
-           "moe_impl": ("ragged", "dense")}
+           "moe_impl": ("grouped", "dense")}
 POSITIVE = ("steps", "data.seq_len", "data.batch_size", "data.grad_accum", "data.shuffle_buffer", "log_every",
             "checkpoint.every", "checkpoint.keep", "optimizer.lr")
 NON_NEGATIVE = ("optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.min_lr_ratio", "eval.every",

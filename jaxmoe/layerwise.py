@@ -1,0 +1,106 @@
+"""The CPU decode step: one compiled program per layer structure, dispatched once per layer.
+
+A decode step reads every weight once for very little arithmetic, so its speed is how fast the weights are read.
+Scanned over stacked layers, XLA:CPU copies each layer's slice of every stacked weight before the matmuls that
+read it: the weights are read three times instead of once (1.75x slower decoding, benchmarks/README.md). Unrolled
+over separate per-layer arrays it reads them in place, but then compiles every layer again (seconds per run for a
+30-layer MoE). Here each layer's arrays are zero-copy views of the stacked parameters
+(`jaxmoe.generate.unrolled_decoder`), and one compiled layer program is called per layer with that layer's
+arrays and cache: the run speed of the unrolled step, the compile time of one layer. Accelerators run the
+scanned step instead (`jaxmoe.generate`), where slicing a stacked array costs nothing.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmoe.nn.model import KVCache, Transformer, prologue
+from jaxmoe.sampling import SamplingConfig, next_token
+
+
+def _decode_prologue(config, _, leaves, token, position, valid, index):
+    """Embedding of this step's token, rotary tables, masks over the cache slots (after writing this slot)."""
+    (embed,) = leaves
+    b = token.shape[0]
+    q_slots = jnp.broadcast_to(index, (b, 1))
+    valid = jax.lax.dynamic_update_slice(valid, jnp.ones((b, 1), bool), (0, index))
+    x, cos, sin, masks = prologue(config, embed, token[:, None], position[:, None], q_slots, valid)
+    return x, cos, sin, masks, valid
+
+
+def _decode_layer(graphdef, treedef, leaves, x, cos, sin, mask, k, v, index):
+    """One decoder layer over the cache: (x, its updated keys, values)."""
+    layer = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+    x, _, (k, v), _ = layer(x, cos, sin, mask, (k, v), index, False)
+    return x, k, v
+
+
+def _decode_head(graphdef, treedef, leaves, x, position, done, key, step, index, temperature, top_p, eos, pad, *,
+          sampling: SamplingConfig, return_logits: bool):
+    """Final norm, logits [B, V] (of a model whose layers are not run here: head-only state) and the next
+    token: (token, position + 1, done, step + 1, index + 1, float32 logits or None)."""
+    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+    c = model.config
+    x = model.final_norm(x[:, -1])
+    logits = x @ (model.embed[...].T if c.tie_word_embeddings else model.lm_head[...])
+    if c.final_logit_softcap is not None:
+        cap = jnp.asarray(c.final_logit_softcap, logits.dtype)
+        logits = jnp.tanh(logits / cap) * cap
+    logits = logits.astype(jnp.float32)
+    nxt, done = next_token(logits, done, key, step, temperature, top_p, eos, pad, sampling)
+    return nxt, position + 1, done, step + 1, index + 1, (logits if return_logits else None)
+
+
+class LayerwiseStep:
+    """A decode step of an unrolled model (`unrolled_decoder`) built from per-layer programs; called like the
+    compiled whole-step program: step(cache, token, position, done, key, step, *scalars). `executable(kind,
+    fn, static, args, donate)` compiles (or finds) each program: `jaxmoe.generate`'s LRU of executables."""
+
+    def __init__(self, model: Transformer, cache: Any, token: Any, position: Any, done: Any, key: Any, step: Any,
+                 scalars: tuple, executable: Callable[..., tuple[Any, float, float]], sampling: SamplingConfig,
+                 return_logits: bool):
+        c = model.config
+        self.kinds = c.layer_types
+        layers = [layer for stack in model.stacks for layer in stack]
+        self.layers = []
+        for layer in layers:
+            graphdef, state = nnx.split(layer)
+            leaves, treedef = jax.tree.flatten(state)
+            self.layers.append((graphdef, treedef, leaves))
+        head_model = nnx.merge(*nnx.split(model))
+        head_model.stacks = nnx.List([])  # the head program needs no layer weights
+        hg, hs = nnx.split(head_model)
+        hl, ht = jax.tree.flatten(hs)
+        self.head_args = (hg, ht, hl)
+        self.embed = model.embed[...]
+        self.trace_s = self.compile_s = 0.0
+        pro_args = (c, None, [self.embed], token, position, cache.valid, cache.index)
+        self.pro = self._get(executable, "decode_prologue", _decode_prologue, {}, pro_args)
+        x, cos, sin, masks, _ = jax.eval_shape(functools.partial(_decode_prologue, c, None), *pro_args[2:])
+        self.layer_exes = []
+        for (graphdef, treedef, leaves), kind, k, v in zip(self.layers, self.kinds, cache.k, cache.v):
+            args = (graphdef, treedef, leaves, x, cos, sin, masks[kind], k, v, cache.index)
+            self.layer_exes.append(self._get(executable, "decode_layer", _decode_layer, {}, args, donate=(7, 8)))
+        self.head = self._get(executable, "decode", _decode_head, {"sampling": sampling, "return_logits": return_logits},
+                              (*self.head_args, x, position, done, key, step, cache.index, *scalars))
+
+    def _get(self, executable, kind, fn, static, args, donate=()):
+        exe, tr, co = executable(kind, fn, static, args, donate)
+        self.trace_s += tr
+        self.compile_s += co
+        return exe
+
+    def __call__(self, cache: KVCache, token, position, done, key, step, *scalars):
+        x, cos, sin, masks, valid = self.pro([self.embed], token, position, cache.valid, cache.index)
+        ks, vs = [], []
+        for exe, (_, _, leaves), kind, k, v in zip(self.layer_exes, self.layers, self.kinds, cache.k, cache.v):
+            x, k, v = exe(leaves, x, cos, sin, masks[kind], k, v, cache.index)
+            ks.append(k)
+            vs.append(v)
+        nxt, position, done, step, index, logits = self.head(self.head_args[2], x, position, done, key, step,
+                                                             cache.index, *scalars)
+        return nxt, position, done, step, KVCache(tuple(ks), tuple(vs), valid, index), logits
