@@ -57,7 +57,7 @@ def child(spec: dict) -> dict:
         stats = generate_full(model, ids, 16, eos_token_id=()).stats
     out.update(generate_s=round(stats.compile_s, 2), generate_trace_s=round(stats.trace_s, 2))
     if spec["train"]:
-        graphdef, state = nnx.split(model, nnx.Param, ...)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         batch = jnp.asarray(np.random.default_rng(1).integers(256, model.config.vocab_size, (2, 65)), jnp.int32)
 
         def loss(params, rest, batch):
@@ -66,7 +66,7 @@ def child(spec: dict) -> dict:
             return -jnp.take_along_axis(logp, batch[:, 1:, None], axis=-1).mean()
 
         t0 = time.perf_counter()
-        lowered = jax.jit(jax.value_and_grad(loss)).lower(*nnx.split(model, nnx.Param, ...)[1:], batch)
+        lowered = jax.jit(jax.value_and_grad(loss)).lower(params, rest, batch)
         t1 = time.perf_counter()
         lowered.compile()
         out.update(train_s=round(time.perf_counter() - t0, 2), train_trace_s=round(t1 - t0, 2))

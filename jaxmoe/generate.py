@@ -28,7 +28,7 @@ from jaxmoe.parallel.mesh import use_mesh
 from jaxmoe.parallel.placement import placed_mesh, replicate, shard_batch, shard_cache
 from jaxmoe.memory import release_memory
 from jaxmoe.kernels.cpu import aliased_slices
-from jaxmoe.layerwise import LayerwiseStep
+from jaxmoe.layerwise import LayerwisePrefill, LayerwiseStep
 from jaxmoe.nn.model import KVCache, Transformer, unstack_layers
 from jaxmoe.sampling import SamplingConfig, next_token, sampling_config
 
@@ -100,18 +100,14 @@ def _merge(graphdef, treedef, leaves):
     return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
 
 
-def _prefill(graphdef, treedef, leaves, ids, positions, mask, *, length: int, mesh, per_layer: bool) -> KVCache:
-    """Fill a fresh `length`-slot cache with the prompt; the logits are unused, so XLA drops them. The
-    layers run scanned; `per_layer` hands the cache on as one array per layer (for an unrolled decode)."""
+def _prefill(graphdef, treedef, leaves, ids, positions, mask, *, length: int, mesh) -> KVCache:
+    """Fill a fresh `length`-slot cache with the prompt; the logits are unused, so XLA drops them."""
     model = _merge(graphdef, treedef, leaves)
     cache = KVCache.empty(model.config, ids.shape[0], length, jnp.dtype(model.config.dtype))
     if mesh is not None:
         cache = shard_cache(cache, mesh, model.config)
     # The prompt attends only to itself (fresh cache): no attention to the empty slots after it.
     cache = model.forward(ids, positions, mask, cache, fresh_cache=True).cache
-    if per_layer:
-        cache = cache._replace(k=tuple(a[j] for a in cache.k for j in range(a.shape[0])),
-                               v=tuple(a[j] for a in cache.v for j in range(a.shape[0])))
     return cache if mesh is None else shard_cache(cache, mesh, model.config)
 
 
@@ -258,7 +254,7 @@ def generate_full(model, input_ids, max_new_tokens: int, temperature: float = 0.
     mesh = placed_mesh(model)
     graphdef, state = nnx.split(model)
     leaves, treedef = jax.tree.flatten(state)
-    # CPU (one device): the decode step runs layer by layer over zero-copy per-layer views (jaxmoe.layerwise).
+    # CPU (one device): prefill and decode run layer by layer over zero-copy per-layer views (jaxmoe.layerwise).
     if layerwise is None:
         layerwise = mesh is None and jax.default_backend() == "cpu"
     elif layerwise and mesh is not None:
@@ -269,8 +265,12 @@ def generate_full(model, input_ids, max_new_tokens: int, temperature: float = 0.
     small = (lambda x: replicate(jnp.asarray(x), mesh)) if mesh is not None else jnp.asarray
     prefill_args = (graphdef, treedef, leaves, batched(ids_p[:, :-1]), batched(positions[:, :-1]),
                     batched(mask_p[:, :-1]))
-    prefill, tr1, c1 = _executable("prefill", _prefill, {"length": length, "mesh": mesh,
-                                                        "per_layer": decoder is not None}, prefill_args)
+    if decoder is None:
+        exe, tr1, c1 = _executable("prefill", _prefill, {"length": length, "mesh": mesh}, prefill_args)
+        prefill = functools.partial(exe, leaves)
+    else:
+        prefill = LayerwisePrefill(decoder, *prefill_args[3:], length, _executable)
+        tr1, c1 = prefill.trace_s, prefill.compile_s
     cache_aval = jax.eval_shape(lambda: KVCache.empty(config, b, length, jnp.dtype(config.dtype),
                                                       per_layer=decoder is not None))
     if mesh is not None:
@@ -294,7 +294,7 @@ def generate_full(model, input_ids, max_new_tokens: int, temperature: float = 0.
     new = np.full((b, max_new_tokens), pad_token_id, np.int32)
     step_logits = []
     t0 = time.perf_counter()
-    cache = prefill(leaves, *prefill_args[3:])
+    cache = prefill(*prefill_args[3:])
     pending = decode(cache, token, position, done, key, step0, *scalars)
     t_first = t0
     steps = 0

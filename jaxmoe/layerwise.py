@@ -1,4 +1,5 @@
-"""The CPU decode step: one compiled program per layer structure, dispatched once per layer.
+"""CPU generation: prefill and decode steps made of one compiled program per layer structure, dispatched once per
+layer.
 
 A decode step reads every weight once for very little arithmetic, so its speed is how fast the weights are read.
 Scanned over stacked layers, XLA:CPU copies each layer's slice of every stacked weight before the matmuls that
@@ -6,8 +7,9 @@ read it: the weights are read three times instead of once (1.75x slower decoding
 over separate per-layer arrays it reads them in place, but then compiles every layer again (seconds per run for a
 30-layer MoE). Here each layer's arrays are zero-copy views of the stacked parameters
 (`jaxmoe.generate.unrolled_decoder`), and one compiled layer program is called per layer with that layer's
-arrays and cache: the run speed of the unrolled step, the compile time of one layer. Accelerators run the
-scanned step instead (`jaxmoe.generate`), where slicing a stacked array costs nothing.
+arrays and cache: the run speed of the unrolled step, the compile time of one layer. The prefill runs the same
+way and writes each layer's cache as an array of its own. Accelerators run scanned programs instead
+(`jaxmoe.generate`), where slicing a stacked array costs nothing.
 """
 from __future__ import annotations
 
@@ -30,6 +32,72 @@ def _decode_prologue(config, _, leaves, token, position, valid, index):
     valid = jax.lax.dynamic_update_slice(valid, jnp.ones((b, 1), bool), (0, index))
     x, cos, sin, masks = prologue(config, embed, token[:, None], position[:, None], q_slots, valid)
     return x, cos, sin, masks, valid
+
+
+def _prefill_prologue(config, _, leaves, ids, positions, mask, *, length: int):
+    """A prompt's embeddings, rotary tables and masks over its own tokens (a fresh cache), and the cache's
+    valid slots [B, length]."""
+    (embed,) = leaves
+    slots = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
+    x, cos, sin, masks = prologue(config, embed, ids, positions, slots, mask)
+    valid = jax.lax.dynamic_update_slice(jnp.zeros((ids.shape[0], length), bool), mask, (0, 0))
+    return x, cos, sin, masks, valid
+
+
+def _prefill_layer(graphdef, treedef, leaves, x, cos, sin, mask, *, length: int):
+    """One decoder layer over a prompt: (x, its keys and values written into a fresh `length`-slot cache)."""
+    layer = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+    c = layer.attn
+    b, t = x.shape[:2]
+    d = layer.attn.q_proj.get_value().shape[-1]
+    empty = KVCache.empty_layer(b, c.num_kv_heads, length, d, x.dtype)
+    x, _, (k, v), _ = layer(x, cos, sin, mask, empty, jnp.zeros((), jnp.int32), True)
+    return x, k, v
+
+
+def _layer_programs(model: Transformer) -> list[tuple[Any, Any, list]]:
+    """(graphdef, treedef, leaves) of every layer of an unrolled model, in order."""
+    out = []
+    for layer in (layer for stack in model.stacks for layer in stack):
+        graphdef, state = nnx.split(layer)
+        leaves, treedef = jax.tree.flatten(state)
+        out.append((graphdef, treedef, leaves))
+    return out
+
+
+class LayerwisePrefill:
+    """The prefill of an unrolled model (`unrolled_decoder`) layer by layer: called as prefill(ids, positions,
+    mask) -> a per-layer KVCache of `length` slots holding the prompt (its logits are never computed)."""
+
+    def __init__(self, model: Transformer, ids: Any, positions: Any, mask: Any, length: int,
+                 executable: Callable[..., tuple[Any, float, float]]):
+        c = model.config
+        self.kinds, self.layers, self.embed = c.layer_types, _layer_programs(model), model.embed[...]
+        self.index = jnp.asarray(ids.shape[1], jnp.int32)
+        self.trace_s = self.compile_s = 0.0
+        static = {"length": length}
+        pro_args = (c, None, [self.embed], ids, positions, mask)
+        self.pro = self._get(executable, "prefill", _prefill_prologue, static, pro_args)
+        x, cos, sin, masks, _ = jax.eval_shape(functools.partial(_prefill_prologue, c, None, length=length),
+                                               *pro_args[2:])
+        self.layer_exes = [self._get(executable, "prefill_layer", _prefill_layer, static,
+                                     (graphdef, treedef, leaves, x, cos, sin, masks[kind]))
+                           for (graphdef, treedef, leaves), kind in zip(self.layers, self.kinds)]
+
+    def _get(self, executable, kind, fn, static, args, donate=()):
+        exe, tr, co = executable(kind, fn, static, args, donate)
+        self.trace_s += tr
+        self.compile_s += co
+        return exe
+
+    def __call__(self, ids, positions, mask) -> KVCache:
+        x, cos, sin, masks, valid = self.pro([self.embed], ids, positions, mask)
+        ks, vs = [], []
+        for exe, (_, _, leaves), kind in zip(self.layer_exes, self.layers, self.kinds):
+            x, k, v = exe(leaves, x, cos, sin, masks[kind])
+            ks.append(k)
+            vs.append(v)
+        return KVCache(tuple(ks), tuple(vs), valid, self.index)
 
 
 def _decode_layer(graphdef, treedef, leaves, x, cos, sin, mask, k, v, index):
@@ -64,13 +132,7 @@ class LayerwiseStep:
                  scalars: tuple, executable: Callable[..., tuple[Any, float, float]], sampling: SamplingConfig,
                  return_logits: bool):
         c = model.config
-        self.kinds = c.layer_types
-        layers = [layer for stack in model.stacks for layer in stack]
-        self.layers = []
-        for layer in layers:
-            graphdef, state = nnx.split(layer)
-            leaves, treedef = jax.tree.flatten(state)
-            self.layers.append((graphdef, treedef, leaves))
+        self.kinds, self.layers = c.layer_types, _layer_programs(model)
         head_model = nnx.merge(*nnx.split(model))
         head_model.stacks = nnx.List([])  # the head program needs no layer weights
         hg, hs = nnx.split(head_model)
@@ -88,11 +150,7 @@ class LayerwiseStep:
         self.head = self._get(executable, "decode", _decode_head, {"sampling": sampling, "return_logits": return_logits},
                               (*self.head_args, x, position, done, key, step, cache.index, *scalars))
 
-    def _get(self, executable, kind, fn, static, args, donate=()):
-        exe, tr, co = executable(kind, fn, static, args, donate)
-        self.trace_s += tr
-        self.compile_s += co
-        return exe
+    _get = LayerwisePrefill._get
 
     def __call__(self, cache: KVCache, token, position, done, key, step, *scalars):
         x, cos, sin, masks, valid = self.pro([self.embed], token, position, cache.valid, cache.index)

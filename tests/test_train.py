@@ -341,6 +341,25 @@ def test_mesh_training_matches_one_device(small_moe, tmp_path):
     np.testing.assert_allclose(losses["mesh"], losses["one"], rtol=0, atol=1e-5)
 
 
+def test_remat_training_gives_the_same_losses(small_moe, tmp_path):
+    """remat: full recomputes every layer's activations in the backward pass; the losses of 3 steps are those of
+    the run that keeps them."""
+    from jaxmoe.cli.train import load_tokenizer
+
+    d = small_moe
+    tok = load_tokenizer(d / "tok")
+    losses = {}
+    for remat in ("none", "full"):
+        cfg = parse_config({"model": str(d / "model"), "output_dir": str(tmp_path / remat), "steps": 3, "remat": remat,
+                            "trainable": "router+experts", "data": {"train": str(d / "train.jsonl"), "seq_len": 16,
+                                                                     "batch_size": 8},
+                            "optimizer": {"lr": 0.01}, "eval": {"sequences": 0}, "log_every": 1000})
+        Trainer(cfg, load_orbax_model(d / "model"), tok, print_fn=lambda s: None).run()
+        losses[remat] = [r["loss"] for r in _rows(tmp_path / remat / "metrics.jsonl")]
+    assert len(losses["none"]) == 3 and losses["none"][0] > losses["none"][-1]
+    np.testing.assert_allclose(losses["full"], losses["none"], rtol=0, atol=1e-6)
+
+
 # --- bad input ------------------------------------------------------------------------------------
 def _train_error(capsys, cfg: Path, *extra: str) -> str:
     capsys.readouterr()
@@ -390,6 +409,7 @@ def test_bad_input_gives_one_line_errors(tiny_hf, small_moe, router_run, tmp_pat
     ({"checkpoint": {"keep": 0}}, "checkpoint.keep: must be positive"),
     ({"model": None}, "model: is required"),
     ({"precision": {"master_dtype": "float64"}}, "precision.master_dtype: 'float64' is not one of"),
+    ({"remat": "some"}, "remat: 'some' is not one of none, full, dots"),
 ])
 def test_config_validation_names_the_field(change, message):
     d = {"model": "m", "output_dir": "o", "data": {"train": "x.jsonl"}, **change}

@@ -22,14 +22,9 @@ def make_mask(q_slots: jax.Array, k_valid: jax.Array, window: int | None) -> jax
 
 
 def cache_shape(batch: int, kv_heads: int, length: int, head_dim: int, keys: bool) -> tuple[int, ...]:
-    """How one layer's cache is stored: keys [B, kv, d, S], values [B, kv, S, d], without the B and kv
-    dims of size 1.
-
-    Keys are stored transposed so that both attention products are plain matmuls that read the cache in
-    place (q @ K with K [d, S]: decode attention at batch 8 took 30% less time than with K [S, d]).
-    XLA:CPU copied a donated cache buffer with a size-1 dim four times per decode step (it does not update
-    such a parameter in place), which made batch-1 decoding 1.5x slower; the attention reshapes the stored
-    arrays back to 4-D, which costs nothing."""
+    """How one layer's cache is stored: keys [B, kv, d, S], values [B, kv, S, d], without the B and kv dims of
+    size 1. Both attention products are then plain batched matmuls over the stored arrays; why this layout
+    (and not [B, S, kv, d]) is measured in benchmarks/README.md, "Backend-specific layouts"."""
     inner = (head_dim, length) if keys else (length, head_dim)
     return tuple(n for n in (batch, kv_heads) if n != 1) + inner
 
@@ -47,8 +42,8 @@ def cache_axes(batch: int, kv_heads: int, keys: bool) -> tuple[str | None, ...]:
 
 def query_chunks(t: int, causal: bool) -> list[tuple[int, int]]:
     """Query ranges [a, e) that attention processes one after another. With causal keys in the queries' own
-    frame, long inputs are cut into at most 8 chunks (>= 128 rows) so that chunk [a, e) multiplies only
-    the keys before e: about 40% less work and smaller score buffers for a prefill of 512 tokens."""
+    frame, long inputs are cut into at most 8 chunks (>= 128 rows) so that chunk [a, e) multiplies only the
+    keys before e (less work and smaller score buffers; benchmarks/README.md, "Backend-specific layouts")."""
     if not causal or t < 256:
         return [(0, t)]
     size = -(-max(128, -(-t // 8)) // 64) * 64
@@ -63,11 +58,6 @@ def key_span(a: int, e: int, causal: bool, window: int | None) -> tuple[int, int
         return 0, None
     lo = 0 if window is None else max(0, a - window + 1) // 64 * 64
     return lo, e
-
-
-def _batched_matmul(x: jax.Array, y: jax.Array, contract: tuple[int, int]) -> jax.Array:
-    """x [B, kv, M, .] times y [B, kv, ., .] over the dims `contract`, batched over (B, kv)."""
-    return jax.lax.dot_general(x, y, (((contract[0],), (contract[1],)), ((0, 1), (0, 1))))
 
 
 class Attention(nnx.Module):
@@ -123,9 +113,8 @@ class Attention(nnx.Module):
         b, t, n, d = q.shape
         kv = self.num_kv_heads
         g = n // kv
-        # Queries as [B, kv, g, T, d], multiplied as [B, kv, g*T, d]: both products are plain batched
-        # matmuls over (B, kv) that read the cache in place (a separate T axis made XLA:CPU's decode
-        # attention 3x slower).
+        # Queries as [B, kv, g, T, d], multiplied as [B, kv, g*T, d] (the g query heads of a kv head and the
+        # T positions as one row axis; benchmarks/README.md, "Backend-specific layouts").
         q = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4)
         # Keys in this call's own frame (no cache, or a fresh one): query chunk [a, e) sees keys < e only,
         # and on a sliding-window layer none before a - window + 1 (masked for every query of the chunk).
@@ -143,11 +132,11 @@ class Attention(nnx.Module):
     def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
         """q [B, kv, g, T, d], keys [B, kv, d, S], values [B, kv, S, d], mask [B, 1, T, S] -> [B, kv, g, T, d]."""
         b, kv, g, t, d = q.shape
-        scores = _batched_matmul(q.reshape(b, kv, g * t, d), k, contract=(3, 2)) * jnp.asarray(self.scale, q.dtype)
+        scores = jnp.einsum("bkmd,bkds->bkms", q.reshape(b, kv, g * t, d), k) * jnp.asarray(self.scale, q.dtype)
         if self.softcap is not None:
             c = jnp.asarray(self.softcap, scores.dtype)
             scores = jnp.tanh(scores / c) * c
         scores = scores.reshape(b, kv, g, t, -1)
         scores = jnp.where(mask[:, :, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(b, kv, g * t, -1)
-        return _batched_matmul(probs, v, contract=(3, 2)).reshape(b, kv, g, t, d)
+        return jnp.einsum("bkms,bksd->bkmd", probs, v).reshape(b, kv, g, t, d)

@@ -63,6 +63,13 @@ class KVCache(NamedTuple):
                    tuple(jnp.zeros(lead(g) + cache_shape(*dims, False), dtype) for g in groups),
                    jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
 
+    @staticmethod
+    def empty_layer(batch: int, kv_heads: int, length: int, head_dim: int, dtype: jnp.dtype
+                    ) -> tuple[jax.Array, jax.Array]:
+        """One layer's empty (keys, values) of `length` slots, as the per-layer cache stores them."""
+        dims = (batch, kv_heads, length, head_dim)
+        return jnp.zeros(cache_shape(*dims, True), dtype), jnp.zeros(cache_shape(*dims, False), dtype)
+
     def layer(self, i: int, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
         """Layer i's keys and values, both as [B, kv, S, d]."""
         b, kv = self.valid.shape[0], config.num_kv_heads

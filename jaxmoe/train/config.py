@@ -56,6 +56,7 @@ class TrainConfig:
     log_every: int = 10
     mesh: str | None = None
     moe_impl: str = "grouped"  # or "dense"; with a `mesh` the MoE blocks run "expert_parallel" instead
+    remat: str = "none"  # recompute layer activations in the backward pass: none | full | dots
 
 
 # YAML key -> (TrainConfig field, kind); kinds: str, int, float, bool, paths; a trailing '?' allows null.
@@ -63,6 +64,7 @@ SCHEMA: dict[str, tuple[str, str]] = {
     "model": ("model", "str"), "output_dir": ("output_dir", "str"), "tokenizer": ("tokenizer", "str?"),
     "seed": ("seed", "int"), "steps": ("steps", "int"), "trainable": ("trainable", "str"),
     "mesh": ("mesh", "str?"), "log_every": ("log_every", "int"), "moe_impl": ("moe_impl", "str"),
+    "remat": ("remat", "str"),
     "data.train": ("train_data", "paths"), "data.eval": ("eval_data", "paths?"),
     "data.text_field": ("text_field", "str"), "data.seq_len": ("seq_len", "int"),
     "data.batch_size": ("batch_size", "int"), "data.grad_accum": ("grad_accum", "int"),
@@ -83,7 +85,7 @@ REQUIRED = ("model", "output_dir", "data.train")
 SECTIONS = {k.split(".")[0] for k in SCHEMA if "." in k}
 CHOICES = {"trainable": TRAINABLE, "optimizer.name": ("adamw", "sgd"), "optimizer.schedule": ("cosine", "constant"),
            "precision.param_dtype": DTYPES, "precision.master_dtype": ("float32", "param"),
-           "moe_impl": ("grouped", "dense")}
+           "moe_impl": ("grouped", "dense"), "remat": ("none", "full", "dots")}
 POSITIVE = ("steps", "data.seq_len", "data.batch_size", "data.grad_accum", "data.shuffle_buffer", "log_every",
             "checkpoint.every", "checkpoint.keep", "optimizer.lr")
 NON_NEGATIVE = ("optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.min_lr_ratio", "eval.every",

@@ -64,6 +64,7 @@ class Trainer:
             from jaxmoe.parallel.placement import shard_model
 
             model = shard_model(model, mesh)  # MoE blocks switch to expert parallelism
+        model.set_remat(cfg.remat)
         self.config = c
         graphdef, tr, fr = nnx.split(model, trainable_filter(c, cfg.trainable), ...)
         trainable, self.frozen = flat_params(tr), flat_params(fr)
