@@ -294,15 +294,22 @@ def test_param_counts_by_hand():
 
 
 def test_mixtral_on_v4_32_by_hand():
-    case = scaling.evaluate("Mixtral-8x7B", "v4-32")
+    from benchmarks.scaling_plan import memory  # the memory numbers: jaxmoe.parallel.plan
+
+    case = scaling.evaluate("Mixtral-8x7B", "v4-32", memory)
     rows = {lay.spec: (m, t) for lay, m, t in case.rows}
     m, t = rows["expert=8,fsdp=2"]
     experts, dense = 32 * 8 * 3 * 4096 * 14336, 46_702_792_704 - 32 * 8 * 3 * 4096 * 14336
-    assert m["params"] == 2 * (experts / 16 + dense / 2)
+    norms = (2 * 32 + 1) * 4096  # never split (their only axis is the norm width)
+    assert m["params"] == 2 * (experts // 16 + (dense - norms) // 2 + norms)
     assert t["a2a"] == 32 * 2 * 2 * 4096 * 2 * 7 / 8 == 917_504  # L x (dispatch+combine) x k x H x bf16 x off-chip
     assert rows["expert=8,tensor=2"][1]["tp"] == 32 * 2 * 2 * 1 * 4096 * 2  # 2 all-reduces/layer, ring 2(t-1)
-    assert rows["expert=8,data=2"][0]["kv"] == 2 * 32 * 4 * 4096 * 8 * 128 * 2 == 2**31  # 64 seqs / 16 shards
-    assert rows["fsdp=16"][0]["opt_full"] == 46_702_792_704 / 16 * (12 + 4)  # fp32 master+m+v, fp32 grad
+    # 64 seqs / 16 shards: k and v of 4 rows x 32 layers x 8 KV heads x 128 x 4096 slots in bf16, the [4, 4096]
+    # bool mask of valid slots and the int32 next-slot index
+    assert rows["expert=8,data=2"][0]["kv"] == 2 * 32 * 4 * 4096 * 8 * 128 * 2 + 4 * 4096 + 4 == 2**31 + 16_388
+    # full fine-tuning: fp32 master + AdamW m, v + two fp32 gradient buffers = 20 B on the chip's 1/16 of each
+    # weight (norms whole), plus two int32 step counters
+    assert rows["fsdp=16"][0]["opt_full"] == ((46_702_792_704 - norms) // 16 + norms) * 20 + 8
     # decode with pure FSDP: every chip gathers 15/16 of all weights per step, shared by 64 tokens
     assert rows["fsdp=16"][1]["fsdp_decode"] == 16 * 93_405_585_408 * 15 / 16 / 64
     assert case.rejected == [("expert=16", "mesh expert=16 does not divide 8 experts")]
@@ -310,17 +317,21 @@ def test_mixtral_on_v4_32_by_hand():
 
 
 def test_presets_are_the_inference_recommendations():
+    from benchmarks.scaling_plan import memory
+
     for sl in scaling.SLICES:
-        best = scaling.evaluate("Mixtral-8x7B", sl).best("infer")[0]
+        best = scaling.evaluate("Mixtral-8x7B", sl, memory).best("infer")[0]
         assert parse_mesh_spec(best.spec) == parse_mesh_spec(load_preset(sl)), sl
     for sl in scaling.HOST_SLICES:
-        best = scaling.evaluate("Mixtral-8x7B", sl, scaling.HOST_INFER_BATCH).best("infer")[0]
+        best = scaling.evaluate("Mixtral-8x7B", sl, memory, scaling.HOST_INFER_BATCH).best("infer")[0]
         assert parse_mesh_spec(best.spec) == parse_mesh_spec(load_preset(sl)), sl
 
 
 def test_scaling_md_is_generated():
-    r = subprocess.run([sys.executable, "-m", "tpu.scaling"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "benchmarks/scaling_plan.py"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout == (REPO / "tpu/SCALING.md").read_text(), "run: python -m tpu.scaling > tpu/SCALING.md"
-    assert "| **75.0** ✗ |" in r.stdout  # Gemma-2-9B 8x full fine-tuning with fsdp=16 on v4-32 does not fit 32 GiB
+    assert r.stdout == (REPO / "tpu/SCALING.md").read_text(), \
+        "run: python benchmarks/scaling_plan.py --out tpu/SCALING.md"
+    assert "| **88.5** ✗ |" in r.stdout  # Gemma-2-9B 8x full fine-tuning with fsdp=16 on v4-32 does not fit 32 GiB
     assert r.stdout.count("\n- Inference (decode): ") == 6 and r.stdout.count("\n- Recommendation: ") == 6

@@ -1,47 +1,45 @@
-"""Memory per chip and communication per token for MoE mesh layouts on TPU slices.
+"""Communication per token for MoE mesh layouts on TPU slices, and the layouts tried on each slice.
 
-`python -m tpu.scaling > tpu/SCALING.md` (or `--out tpu/SCALING.md`) writes the paper plan: for each
-model x slice, a table of candidate meshes with the bytes each chip holds and the bytes each token moves,
-with the layouts that do not fit HBM flagged and a recommendation per workload. Every number comes from
-the HF-style config dicts below and the formulas in this file (restated in the document).
-Standard library only.
+`tpu/SCALING.md` is written by `python benchmarks/scaling_plan.py` (it needs jax): for each model x slice, the
+candidate meshes with the bytes each chip holds, from `jaxmoe.parallel.plan` (the placement itself: parameters,
+KV cache and training state exact, activations estimated), and the bytes each token moves, from this file.
+The memory numbers enter `evaluate` as a function, so this kit stays standard-library only (it runs on a laptop
+to create VMs) and never imports jaxmoe; the models are the HF configs in `configs/models/`, which
+`jaxmoe plan NAME` reads too.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 from tpu.accelerators import Accelerator, parse_accelerator
 from tpu.mesh_presets import check_mesh_divides, parse_mesh_spec
 
 # ---------------------------------------------------------------- inputs
 
-MODELS: dict[str, dict] = {
-    # Gemma-2-9B with its MLP copied into 8 experts (top-2); Gemma 2 shapes, tied embeddings.
-    "Gemma-2-9B 8x": {
-        "model_type": "gemma2_moe", "hidden_size": 3584, "intermediate_size": 14336, "num_hidden_layers": 42,
-        "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256, "vocab_size": 256000,
-        "num_local_experts": 8, "num_experts_per_tok": 2, "tie_word_embeddings": True,
-    },
-    "Mixtral-8x7B": {
-        "model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 32000,
-        "num_local_experts": 8, "num_experts_per_tok": 2, "tie_word_embeddings": False,
-    },
-}
+MODEL_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
+# Display name -> HF config in configs/models/: Gemma-2-9B with its MLP copied into 8 experts (top-2), and Mixtral.
+MODEL_FILES = {"Gemma-2-9B 8x": "gemma-2-9b-8x", "Mixtral-8x7B": "mixtral-8x7b"}
+MODELS: dict[str, dict] = {name: json.loads((MODEL_DIR / f"{stem}.json").read_text())
+                           for name, stem in MODEL_FILES.items()}
 SLICES = ("v4-32", "v5e-64", "v5p-128")  # pod slices: inference and training
 HOST_SLICES = ("v4-8", "v5e-8", "v6e-8")  # single-host slices: inference only, with a smaller batch
-NORMS_PER_LAYER = {"gemma2_moe": 4, "gemma2": 4, "mixtral": 2}  # Gemma 2 has sandwich norms
+NORMS_PER_LAYER = {"gemma2moe": 4, "gemma2_moe": 4, "gemma2": 4, "mixtral": 2}  # Gemma 2 has sandwich norms
 
 BF16, FP32 = 2, 4
-INFER_BATCH, INFER_SEQ = 64, 4096  # sequences decoded together; KV length (prompt prefilled in one pass)
+INFER_BATCH, INFER_SEQ = 64, 4096  # sequences decoded together; KV cache slots per sequence
+INFER_PROMPT = 1024  # prompt tokens per sequence, prefilled in one pass
 HOST_INFER_BATCH = 8  # sequences decoded together on a single-host slice
 TRAIN_BATCH, TRAIN_SEQ = 64, 4096  # sequences x tokens per optimizer step
-LOSS_CHUNK = 1024  # tokens per chip whose fp32 logits are live at once (chunked cross-entropy)
 HBM_USABLE = 0.9  # share of HBM we plan to fill; the rest is XLA scratch and fragmentation
-ADAM_BYTES = 3 * FP32  # fp32 master copy + Adam m + Adam v, per trainable parameter
-GRAD_BYTES = FP32  # gradient per trainable parameter (accumulated in fp32)
+
+# (model name, layout, sequences decoded together) -> bytes per chip: params, gather, kv, act_infer, infer,
+# act_train, opt_router, train_router, opt_full, train_full (see benchmarks/scaling_plan.py)
+MemoryFn = Callable[[str, "Layout", int], dict[str, float]]
 
 
 @dataclass(frozen=True)
@@ -110,42 +108,6 @@ class Layout:
     def batch_shards(self) -> int:
         """Ways the batch is split: data, fsdp and expert all carry different sequences."""
         return self.data * self.fsdp * self.expert
-
-
-def layer_activation_bytes(s: Shape, lay: Layout, tokens: int) -> float:
-    """Live bf16 activations of one decoder layer for `tokens` tokens on one chip.
-
-    Residual stream + normed input (2H), then the larger of attention (q, k, v, o projections, heads split
-    over `tensor`; splash attention, so no T x T scores) and the MoE block (k dispatched copies of each
-    token, 2H for the copy in and out, 3I/tensor for gate, up and their product).
-    """
-    attn = (2 * s.heads + 2 * s.kv_heads) * s.head_dim / lay.tensor
-    moe = s.top_k * (2 * s.hidden + 3 * s.inter / lay.tensor)
-    return tokens * BF16 * (2 * s.hidden + max(attn, moe))
-
-
-def memory_per_chip(s: Shape, lay: Layout, infer_batch: int = INFER_BATCH) -> dict[str, float]:
-    """Bytes per chip for inference, router-only training and full training (see module constants)."""
-    p = param_counts(s)
-    exp_shard, dense_shard = p["expert"] / (lay.expert * lay.fsdp * lay.tensor), p["dense"] / (lay.fsdp * lay.tensor)
-    params = BF16 * (exp_shard + dense_shard)
-    gather = 0.0
-    if lay.fsdp > 1:  # one layer gathered over fsdp, double-buffered, or the embedding for the logits
-        layer = (p["expert"] / lay.expert + p["dense"] - p["embed"]) / (s.layers * lay.tensor)
-        gather = BF16 * max(2 * layer, p["embed"] / lay.tensor)
-    seqs = max(1, infer_batch // lay.batch_shards)
-    kv = 2 * s.layers * seqs * INFER_SEQ * (s.kv_heads / lay.tensor) * s.head_dim * BF16
-    act_infer = layer_activation_bytes(s, lay, seqs * INFER_SEQ) + seqs * s.vocab / lay.tensor * FP32
-    tokens = max(1, TRAIN_BATCH // lay.batch_shards) * TRAIN_SEQ
-    act_train = (s.layers * tokens * s.hidden * BF16  # layer inputs saved for the remat backward
-                 + 2 * layer_activation_bytes(s, lay, tokens)  # recomputed layer + its gradients
-                 + min(tokens, LOSS_CHUNK) * s.vocab / lay.tensor * FP32 * 2)  # logits chunk + gradient
-    opt_router = p["router"] * (ADAM_BYTES + GRAD_BYTES)  # router replicated: it is tiny
-    opt_full = (exp_shard + dense_shard) * (ADAM_BYTES + GRAD_BYTES)
-    base = params + gather
-    return {"params": params, "gather": gather, "kv": kv, "act_infer": act_infer, "act_train": act_train,
-            "opt_router": opt_router, "opt_full": opt_full, "infer": base + kv + act_infer,
-            "train_router": base + act_train + opt_router, "train_full": base + act_train + opt_full}
 
 
 def comm_per_token(s: Shape, lay: Layout, infer_batch: int = INFER_BATCH) -> dict[str, float]:
@@ -220,8 +182,9 @@ class Case:
         return min(fits, key=lambda r: (r[2][comm_key], r[1][workload])) if fits else None
 
 
-def evaluate(model: str, slice_name: str, infer_batch: int = INFER_BATCH) -> Case:
-    """Evaluate all candidate layouts of `model` (a key of MODELS) on `slice_name` (e.g. v4-32)."""
+def evaluate(model: str, slice_name: str, memory: MemoryFn, infer_batch: int = INFER_BATCH) -> Case:
+    """Evaluate all candidate layouts of `model` (a key of MODELS) on `slice_name` (e.g. v4-32), with the bytes
+    per chip of each layout from `memory`."""
     cfg = MODELS[model]
     shape, acc = Shape.from_hf(cfg), parse_accelerator(slice_name)
     rows, rejected = [], []
@@ -232,28 +195,5 @@ def evaluate(model: str, slice_name: str, infer_batch: int = INFER_BATCH) -> Cas
             rejected.append((spec, str(e)))
             continue
         lay = Layout.parse(spec)
-        rows.append((lay, memory_per_chip(shape, lay, infer_batch), comm_per_token(shape, lay, infer_batch)))
+        rows.append((lay, memory(model, lay, infer_batch), comm_per_token(shape, lay, infer_batch)))
     return Case(model, shape, acc, rows, rejected, infer_batch)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Write the Markdown plan to stdout or `--out FILE`."""
-    import argparse
-
-    from tpu.scaling_doc import render
-
-    ap = argparse.ArgumentParser(prog="python -m tpu.scaling", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", help="write here instead of stdout (e.g. tpu/SCALING.md)")
-    ns = ap.parse_args(argv)
-    text = render([evaluate(m, sl) for m in MODELS for sl in SLICES],
-                  [evaluate(m, sl, HOST_INFER_BATCH) for m in MODELS for sl in HOST_SLICES])
-    if ns.out:
-        with open(ns.out, "w") as f:
-            f.write(text)
-    else:
-        print(text, end="")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh
+from jax.sharding import AbstractMesh, AxisType, Mesh
 
 from jaxmoe.nn.config import ModelConfig
 from jaxmoe.parallel.rules import MESH_AXES, MeshError, axis_size
@@ -110,6 +110,13 @@ def make_mesh(spec: str | None = None, devices: Sequence[Any] | None = None) -> 
             log.warning("topology-aware device order unavailable (%s); using jax.devices() order", e)
     # jax.devices() lists devices process by process, so a row-major reshape keeps the fast axes host-local.
     return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES, axis_types=types)
+
+
+def abstract_mesh(spec: str) -> AbstractMesh:
+    """The mesh of a spec or preset name (`v5e-64`) without devices, for planning a slice larger than this
+    machine (`jaxmoe.parallel.plan`); the placement functions take it wherever they take a Mesh."""
+    sizes = parse_mesh_spec(spec if "=" in spec else preset_spec(spec.strip()))
+    return AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 @contextlib.contextmanager
