@@ -10,6 +10,9 @@ turns a source into a model. It addresses the model's arrays only through `jaxmo
 parameter lives in the array at its slot's path, at the slot's leading indices (a layer of a stacked array), so
 how the model stores its layers stays the model's business.
 
+`LayerSource` reads the same sources one decoder layer at a time, for passes that need one layer at once (the
+gate pass of `jaxmoe build`): memory about one layer, whatever the depth.
+
 (`converters.load` is this module's function `load`: the package binds the name to the function. Import the
 module's other names with `from converters.load import ...`.)
 """
@@ -30,9 +33,10 @@ from converters.hf.names import Region, full_region
 from converters.hf.reader import HFParams, Target, abstract_model, param_targets, read_config
 from converters.hf.safetensors_io import CheckpointReader
 from jaxmoe.nn.config import ModelConfig
-from jaxmoe.nn.model import Transformer
+from jaxmoe.nn.model import DecoderLayer, Transformer, layer_stacks
 from jaxmoe.parallel.mesh import check_mesh, make_mesh
 from jaxmoe.parallel.placement import param_specs, shard_model
+from jaxmoe.parallel.rules import MeshError, logical_to_spec
 
 Box = tuple[tuple[int, int], ...]
 
@@ -182,14 +186,75 @@ def load(path: str | Path, dtype: str | None = None, mesh: Mesh | str | None = N
     jaxmoe orbax checkpoint (a training run's output dir, its `checkpoints/` dir or one step's dir, or
     `jaxmoe convert --to orbax` output); `model(input_ids)` gives logits.
 
-    dtype: float32 / bfloat16 / float16; None keeps the checkpoint's dtype (GGUF: float32).
+    dtype: float32 / bfloat16 / float16; None: bfloat16 on TPU/GPU (half the memory of float32 and the MXU's
+    native type), the checkpoint's dtype on CPU (GGUF: float32).
     mesh: a `jax.sharding.Mesh` or mesh spec string ('expert=4,data=2'); the model comes back sharded with
     expert parallelism, each process reading only its devices' slices (HF safetensors and orbax; quantized GGUF
     blocks cannot be sliced, so there each process dequantizes the tensors its devices need, whole).
     """
     mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
     config, source, default_dtype = open_source(path, mesh)
-    return materialize(config, source, dtype or default_dtype, mesh)
+    return materialize(config, source, dtype or default_load_dtype(default_dtype), mesh)
+
+
+def default_load_dtype(checkpoint_dtype: str) -> str:
+    """What `load` gives when no dtype is asked for: bfloat16 on TPU/GPU, the checkpoint's dtype on CPU."""
+    return checkpoint_dtype if jax.default_backend() == "cpu" else "bfloat16"
+
+
+class LayerSource:
+    """A checkpoint's token embedding and decoder layers, each read when asked for: `layer(i)` is decoder layer i
+    as a module of its own (what `Transformer.layer(i)` gives of a loaded model), its arrays in `dtype` (default
+    the config's), read from `source` only then. Holding one layer at a time bounds memory by one layer plus the
+    embedding (`embed`, read once), whatever the depth. `config`, `embed` and `layer` are what a layer-by-layer
+    pass needs of a `Transformer` too.
+
+    With a mesh every array is placed by the rule table (`jaxmoe.parallel.rules`) where it divides the mesh and
+    replicated where it does not (the mesh is for the pass's batch; it need not fit the model), each process
+    reading only the regions its own devices hold. `source` is checked against the whole model once, here."""
+
+    def __init__(self, config: ModelConfig, source: ParamSource, dtype: str | None = None,
+                 mesh: Mesh | None = None) -> None:
+        self.config, self.source, self.mesh = config, source, mesh
+        self.dtype = np.dtype(jnp.dtype(dtype or config.dtype))
+        model = abstract_model(config, dtype)
+        self._targets = param_targets(model)
+        source.check(self._targets)
+        self._axes = {".".join(map(str, p)): tuple(v.get_metadata()["axes"])
+                      for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+        self._stacks = [(group, nnx.split(stack)) for group, stack in zip(layer_stacks(config), model.stacks)]
+        self.embed = self._read("embed")
+
+    def _read(self, name: str) -> jax.Array:
+        t = self._targets[name]
+        if self.mesh is None:
+            return _host_array(self.source, [(name, ())], t.shape, self.dtype)
+        axes = self._axes[t.slot.path][len(t.slot.index):]  # without the stacked layers' axis
+        try:
+            spec = logical_to_spec(axes, t.shape, self.mesh, name)
+        except MeshError:
+            spec = PartitionSpec()
+        return _sharded_array(self.source, [(name, ())], t.shape, self.dtype, NamedSharding(self.mesh, spec))
+
+    def layer(self, i: int) -> DecoderLayer:
+        """Decoder layer i, read now (drop it before asking for the next to keep one layer in memory; a merged
+        module's arrays go at the next garbage collection, `layer_state`'s as soon as they are dropped)."""
+        return nnx.merge(*self.layer_state(i))
+
+    def layer_state(self, i: int) -> tuple[nnx.GraphDef, nnx.State]:
+        """`nnx.split(self.layer(i))` without building the module (nnx.merge leaves reference cycles)."""
+        for group, (graphdef, state) in self._stacks:
+            if i in group:
+                return graphdef, nnx.from_flat_state([(p, v.replace(self._read(f"layers.{i}." + ".".join(map(str, p)))))
+                                                      for p, v in nnx.to_flat_state(state)])
+        raise IndexError(f"layer {i} of a {self.config.num_layers}-layer model")
+
+
+def open_layers(path: str | Path, dtype: str | None = None, mesh: Mesh | str | None = None) -> LayerSource:
+    """`LayerSource` of an HF directory, a `.gguf` file or a jaxmoe orbax checkpoint; dtype None keeps the
+    checkpoint's (GGUF: float32). Reads the configuration, the headers and the embedding."""
+    config, source, default_dtype = open_source(path)  # no check_mesh: the mesh need not fit the model
+    return LayerSource(config, source, dtype or default_dtype, make_mesh(mesh) if isinstance(mesh, str) else mesh)
 
 
 def load_orbax_model(path: str | Path, dtype: str | None = None, mesh: Mesh | str | None = None) -> Transformer:

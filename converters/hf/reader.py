@@ -196,7 +196,7 @@ class HFParams:
         """Parameter `name` is copied: release the pages of the tensors no other parameter still needs."""
         for rule, _, _ in self.producers.get(name, ()):
             self._pending[rule.hf] -= 1
-            if self._pending[rule.hf] == 0 and hasattr(self.tensors, "release"):
+            if self._pending[rule.hf] <= 0 and hasattr(self.tensors, "release"):
                 self.tensors.release(rule.hf)
 
 

@@ -2,11 +2,12 @@
 
 The output's names, dtypes and shapes follow from the configs alone, so the export starts at once in a
 second thread: every tensor whose bytes already lie in a safetensors source (unchanged experts, the base
-model's attention, norms and embeddings) is copied file to file, in-kernel, while the calling thread loads
-the base model and computes the gates. The routers, and any tensor that needs arithmetic (noise, a
+model's attention, norms and embeddings) is copied file to file, in-kernel, while the calling thread computes
+the gates, reading the base model one layer at a time in its own dtype (`converters.load.LayerSource`; on a
+mesh, the prompt batch split over the devices). The routers, and any tensor that needs arithmetic (noise, a
 residual scale, a GGUF source, a cast that would round twice), follow through `get` once the gates are
-known and the base model is dropped, so memory is bounded by the base model (needed for hidden-state
-gates) or by one layer of experts on the arithmetic path, whichever is larger. Which tensors are copied and
+known, so memory is bounded by one base layer + the embedding + the prompts' activations (the gate pass)
+or by one layer of experts on the arithmetic path, whichever is larger: not by the depth. Which tensors are copied and
 how the others are computed is `converters.moe.tensors`; the copied bytes are checked against the arithmetic
 path by tests/test_build.py.
 """
@@ -20,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from converters.atomic import terminate_as_interrupt
 from converters.errors import CheckpointError
@@ -30,6 +33,7 @@ from converters.moe.recipe import (RANDOM_GATE_MODES, RECIPE_FILE, MoERecipe, Ou
                                    load_recipe, validate_sources)
 from converters.moe.tensors import Cancelled, raw_getter, tensor_getter
 from jaxmoe.nn.config import ConfigError, ModelConfig
+from jaxmoe.parallel.mesh import make_mesh
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +193,8 @@ class _Later:
 
 
 def base_model_config(path: str | Path, plan: OutputPlan) -> ModelConfig:
-    """The base model's ModelConfig from the config the plan read (no weights), float32 as it is loaded."""
+    """The base model's ModelConfig from the config the plan read (no weights), float32: the dtype of the
+    gate pass's arithmetic and of the export's arithmetic path."""
     name = str(Path(path) / "config.json") if Path(path).is_dir() else str(path)
     try:
         return config_from_hf(plan.base_config, name).replace(dtype="float32")
@@ -197,18 +202,32 @@ def base_model_config(path: str | Path, plan: OutputPlan) -> ModelConfig:
         raise CheckpointError(str(e)) from None
 
 
+def default_gate_mesh() -> Mesh | None:
+    """The gate pass's devices when none are asked for: None (the default device) on CPU or with one device;
+    on TPU/GPU with more, every device on `data` (the prompt batch split, the base replicated)."""
+    if jax.default_backend() == "cpu" or jax.device_count() == 1:
+        return None
+    return make_mesh(None)
+
+
 def build_moe(recipe: str | Path | MoERecipe, out_dir: str | Path, *, dtype: str | None = None, seed: int = 0,
               overwrite: bool = False, layout: str = "legacy", gate_input: str = "residual",
               max_shard_bytes: int = 5_000_000_000, search_dirs: tuple = (), progress: bool = True,
-              on_gates: Callable[[Gates], None] | None = None) -> BuildResult:
-    """Build the MoE a recipe describes and write it as an HF directory at `out_dir` (atomically)."""
+              on_gates: Callable[[Gates], None] | None = None, mesh: Mesh | str | None = None) -> BuildResult:
+    """Build the MoE a recipe describes and write it as an HF directory at `out_dir` (atomically).
+
+    mesh: the devices of the gate pass (a Mesh or a spec such as `data=8`): the prompt batch is split over
+    the data-like axes, the base's layers placed by the rule table where they divide it, replicated otherwise;
+    each process reads only what its devices hold. None: `default_gate_mesh()` (no mesh on CPU; every device
+    on `data` on TPU/GPU with more than one). The files are written by file-to-file copies either way."""
     from converters.hf.writer import check_layout
-    from converters.load import load
+    from converters.load import open_layers
     from converters.moe.model_card import model_card
 
     if not isinstance(recipe, MoERecipe):
         recipe = load_recipe(recipe, search_dirs=search_dirs)
     plan = validate_sources(recipe, read_source_config)
+    mesh = default_gate_mesh() if mesh is None else make_mesh(mesh) if isinstance(mesh, str) else mesh
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise CheckpointError(f"{out_dir} exists; pass --overwrite to replace it")
@@ -236,11 +255,11 @@ def build_moe(recipe: str | Path | MoERecipe, out_dir: str | Path, *, dtype: str
         try:
             export.start()  # inside the try: a signal arriving just now still cancels and joins it
             encoder = None
-            if need_base:
-                base = load(recipe.base_model, dtype="float32")
+            if need_base:  # the checkpoint's dtype: the jitted steps compute in float32
+                layers = open_layers(recipe.base_model, mesh=mesh)
                 export.check()
-                encoder = PromptEncoder(base, bucket=1)  # one batch of exactly the prompts' shape: one compile
-                del base
+                encoder = PromptEncoder(layers, bucket=1)  # one batch of exactly the prompts' shape: one compile
+                del layers
             shared = recipe.shared_experts[0] if recipe.shared_experts else None
             if random_mode:
                 gates = random_router(recipe.gate_mode, base_config.num_layers, base_config.hidden_size,

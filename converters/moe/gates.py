@@ -10,15 +10,23 @@ entering layer l) or "router_input" (the normalised MLP input the router of laye
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from jaxmoe.nn.model import Transformer, prologue
+from jaxmoe.parallel.mesh import use_mesh
+from jaxmoe.parallel.placement import shard_batch
+from jaxmoe.parallel.rules import LOGICAL_RULES, axis_size
+
+if TYPE_CHECKING:
+    from converters.load import LayerSource
 
 log = logging.getLogger(__name__)
 GATE_INPUTS = ("residual", "router_input")
@@ -59,26 +67,28 @@ def _pad(seqs: list[list[int]], rows: int, bucket: int) -> tuple[np.ndarray, np.
 
 
 class PromptEncoder:
-    """Runs the base model over prompts with correct positions (right padding), one jitted layer at a time.
+    """Runs the base model over prompts with correct positions (right padding), one jitted layer at a time,
+    layer by layer over all prompt batches, so each layer's parameters are needed once and then dropped.
 
-    The model's own modules run: a jitted prologue (token embedding, rotary tables, attention masks, as
-    `Transformer.forward` builds them without a cache) and one jitted `DecoderLayer` step called per layer
-    with that layer's parameters. Layers of one structure share one compilation, so compile time does not
-    grow with depth (a whole unrolled forward costs seconds of XLA time per build, a layer a fraction).
-    Parameters are passed in, never returned, so no call copies the model. Per prompt it keeps, for every
-    layer, the last real token's state and the mean over real tokens, of both the residual stream entering
-    the layer and the normalised MLP input (what the router sees): never a whole [L, B, T, H] on the host
-    beyond `keep_bytes`.
+    `model` is a loaded `Transformer` or a `converters.load.LayerSource` (layers read from the checkpoint one
+    at a time, in the checkpoint's dtype: memory about one layer + the embedding + the prompt activations,
+    whatever the depth; on a mesh the prompt batch is split over the data-like axes). Arithmetic is float32
+    either way: the jitted steps cast the parameters. The model's own modules run: a jitted prologue (token
+    embedding, rotary tables, attention masks, as `Transformer.forward` builds them without a cache) and one
+    jitted `DecoderLayer` step called per layer with that layer's parameters. Layers of one structure share
+    one compilation, so compile time does not grow with depth. Per prompt it keeps, for every layer, the last
+    real token's state and the mean over real tokens, of both the residual stream entering the layer and the
+    normalised MLP input (what the router sees): never a whole [L, B, T, H] on the host beyond `keep_bytes`.
     """
 
-    def __init__(self, model: Transformer, rows: int = 16, bucket: int = 16, keep_bytes: int = 256 << 20):
-        self.graphdef, self.state = nnx.split(model)
+    def __init__(self, model: Transformer | LayerSource, rows: int = 16, bucket: int = 16,
+                 keep_bytes: int = 256 << 20):
+        self.model = model  # `.config`, `.embed`, `.layer(i)`: a Transformer or a LayerSource
         self.config = model.config
-        self.embed = model.embed
-        self.model = model  # its layers are sliced out one at a time when run (`Transformer.layer`)
+        self.mesh = getattr(model, "mesh", None)
         self.rows, self.bucket = rows, bucket
         # Router-input states are kept on the host up to this many bytes, so a routing preview needs no
-        # second forward; beyond it `top1` runs the model again.
+        # second pass over the layers; beyond it `top1` runs them again.
         self.keep_bytes, self.kept = keep_bytes, 0
         # Each shape runs once or twice, so for small batches compile time is what counts: on XLA:CPU, without
         # LLVM optimisation and fusion emitters a layer compiles in a third of the time and its elementwise
@@ -90,78 +100,117 @@ class PromptEncoder:
         self._layer_default = jax.jit(_layer_step, static_argnums=0)
         self.cache: dict[tuple[int, ...], dict[str, np.ndarray]] = {}
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray):
-        """Yields, per layer, (features {name/reduce: [B, H]}, router input [B, T, H]) as device arrays."""
-        x, cos, sin, masks, last, m = self._prologue(self.config, self.embed[...], ids, mask)
-        small = ids.size * self.config.hidden_size * self.config.num_layers <= FAST_COMPILE_WORK
-        step = self._layer_fast if small else self._layer_default
-        for i, kind in enumerate(self.config.layer_types):
-            graphdef, state = nnx.split(self.model.layer(i))
-            x, feats, router_input = step(graphdef, state, x, cos, sin, masks[kind], last, m)
-            yield feats, router_input
+    @property
+    def embed(self) -> jax.Array:
+        """The base model's token embedding [V, H] (its stored dtype)."""
+        return self.model.embed[...]
 
-    def _batches(self, tokenized: list[list[int]]):
+    def _layers(self, batches: list[tuple[np.ndarray, np.ndarray]]):
+        """Yields, per layer, per batch: (features {name/reduce: [B, H]}, router input [B, T, H]) as device
+        arrays. Each layer is taken from the model once; it is dropped before the next is asked for."""
+        place = (lambda a: a) if self.mesh is None else (lambda a: shard_batch(a, self.mesh))
+        small = sum(ids.size for ids, _ in batches) * self.config.hidden_size * self.config.num_layers
+        step = self._layer_fast if small <= FAST_COMPILE_WORK else self._layer_default
+        with use_mesh(self.mesh):  # entered per dispatch, never held across a yield
+            embed = self.embed
+            runs = [list(self._prologue(self.config, embed, place(ids), place(mask))) for ids, mask in batches]
+            del embed
+        # A LayerSource gives a layer's state without building a module, whose cycles would keep the arrays
+        # until the next garbage collection.
+        split = getattr(self.model, "layer_state", None) or (lambda i: nnx.split(self.model.layer(i)))
+        for i, kind in enumerate(self.config.layer_types):
+            graphdef, state = split(i)
+            out = []
+            with use_mesh(self.mesh):
+                for run in runs:
+                    x, cos, sin, masks, last, m = run
+                    run[0], feats, router_input = step(graphdef, state, x, cos, sin, masks[kind], last, m)
+                    out.append((feats, router_input))
+            del state  # the consumer waits for this layer's results before the next one is read
+            yield out
+
+    def _batches(self, tokenized: list[list[int]]) -> list[tuple[list[list[int]], tuple[np.ndarray, ...]]]:
         # One batch of exactly the prompts (one compile, no padded rows) when they fit in self.rows; else
-        # batches of self.rows rows, all of one shape.
+        # batches of self.rows rows, all of one shape. On a mesh, rows are a multiple of the batch split.
         rows = max(1, len(tokenized)) if len(tokenized) <= self.rows else self.rows
-        for start in range(0, len(tokenized), rows):
-            chunk = tokenized[start:start + rows]
-            yield chunk, _pad(chunk, rows, self.bucket)
+        if self.mesh is not None:
+            split = math.prod(axis_size(self.mesh, a) for a in LOGICAL_RULES["batch"])
+            rows = -(-rows // split) * split
+        return [(tokenized[i:i + rows], _pad(tokenized[i:i + rows], rows, self.bucket))
+                for i in range(0, len(tokenized), rows)]
 
     def features(self, tokenized: list[list[int]]) -> dict[str, np.ndarray]:
         """{"residual/last", "residual/mean", "router_input/last", "router_input/mean"} -> [L, N, H]."""
-        todo = [s for s in dict.fromkeys(map(tuple, tokenized)) if s not in self.cache]
-        for chunk, (ids, mask) in self._batches([list(s) for s in todo]):
-            layers = list(self._run(ids, mask))  # dispatched asynchronously; waited for below
-            out = {k: np.stack([np.asarray(f[k]) for f, _ in layers]) for k in layers[0][0]}
-            size = len(layers) * layers[0][1].size * 4
-            keep = self.kept + size <= self.keep_bytes
-            states = np.stack([np.asarray(r) for _, r in layers]) if keep else None
-            self.kept += size if keep else 0
+        todo = [list(s) for s in dict.fromkeys(map(tuple, tokenized)) if s not in self.cache]
+        batches = self._batches(todo) if todo else []
+        keep = []
+        for _, (ids, _) in batches:  # router-input states of all layers, kept while they fit
+            size = self.config.num_layers * ids.size * self.config.hidden_size * 4
+            keep.append(self.kept + size <= self.keep_bytes)
+            self.kept += size if keep[-1] else 0
+        feats: list[list[dict[str, np.ndarray]]] = [[] for _ in batches]  # [batch][layer]
+        states: list[list[np.ndarray]] = [[] for _ in batches]
+        for layer in (self._layers([b for _, b in batches]) if batches else ()):
+            for b, (f, r) in enumerate(layer):
+                feats[b].append({k: np.asarray(v) for k, v in f.items()})
+                if keep[b]:
+                    states[b].append(np.asarray(r))
+        for b, (chunk, _) in enumerate(batches):
+            out = {k: np.stack([f[k] for f in feats[b]]) for k in feats[b][0]}
+            kept = np.stack(states[b]) if keep[b] else None
             for i, s in enumerate(chunk):
                 self.cache[tuple(s)] = {k: v[:, i] for k, v in out.items()}
-                if keep:
-                    self.cache[tuple(s)]["states"] = states[:, i, : len(s)]
+                if kept is not None:
+                    self.cache[tuple(s)]["states"] = kept[:, i, : len(s)]
         rows = [self.cache[tuple(s)] for s in tokenized]
         return {k: np.stack([r[k] for r in rows], axis=1) for k in rows[0] if k != "states"}
 
     def top1(self, tokenized: list[list[int]], router: np.ndarray) -> np.ndarray:
         """Top-1 expert of every real token at every layer (router [L, E, H]), concatenated: [L, tokens]."""
+        router = np.asarray(router, np.float32)
         cached = [self.cache.get(tuple(s), {}).get("states") for s in tokenized]
         if all(c is not None for c in cached):
             return np.concatenate([np.einsum("lth,leh->lte", c, router).argmax(-1) for c in cached], axis=1)
-        out = []
-        router = np.asarray(router, np.float32)
-        for chunk, (ids, mask) in self._batches(tokenized):
-            real = mask.astype(bool)
-            out.append(np.stack([np.einsum("nh,eh->ne", np.asarray(r)[real], router[layer]).argmax(-1)
-                                 for layer, (_, r) in enumerate(self._run(ids, mask))]))
-        return np.concatenate(out, axis=1)
+        batches = self._batches(tokenized)  # the layers once more, for all batches
+        out: list[list[np.ndarray]] = [[] for _ in batches]
+        for layer, per_batch in enumerate(self._layers([b for _, b in batches])):
+            for b, ((_, (_, mask)), (_, r)) in enumerate(zip(batches, per_batch)):
+                out[b].append(np.einsum("nh,eh->ne", np.asarray(r)[mask.astype(bool)], router[layer]).argmax(-1))
+        return np.concatenate([np.stack(o) for o in out], axis=1)
 
 
 def _prologue(c, embed, ids, mask):
-    """What `Transformer.forward` computes before its first layer (no cache, default positions), plus each
-    row's last real position and the real-token mask [B, T, 1] for the features."""
+    """What `Transformer.forward` computes before its first layer (no cache, default positions), in float32,
+    plus each row's last real position and the real-token mask [B, T, 1] for the features."""
     b, t = ids.shape
     slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    x, cos, sin, masks = prologue(c, embed, ids, slots, slots, mask.astype(bool))
+    # The rows the prompts use, in float32, as the table: the embedding scale is then applied in float32, as
+    # in a float32 model, and no float32 copy of the whole table is made.
+    rows = embed[ids.reshape(-1)].astype(jnp.float32)
+    x, cos, sin, masks = prologue(c, rows, jnp.arange(b * t, dtype=jnp.int32).reshape(b, t), slots, slots,
+                                  mask.astype(bool))
     last = jnp.maximum(mask.sum(1) - 1, 0)
     return x, cos, sin, masks, last, mask[:, :, None].astype(jnp.float32)
 
 
 def _layer_step(graphdef, state, x, cos, sin, mask, last, m):
-    """One decoder layer (as `Transformer.forward` calls it without a cache) -> (its output, the float32
-    last-token and mean features of its input and of its normalised MLP input, that MLP input)."""
+    """One decoder layer (as `Transformer.forward` calls it without a cache), its parameters cast to float32
+    -> (its output, the float32 last-token and mean features of its input and of its normalised MLP input,
+    that MLP input). Under a mesh the features and MLP input come out replicated: every process reads them."""
+    state = jax.tree.map(lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
     y, _, _, router_input = nnx.merge(graphdef, state)(x, cos, sin, mask)
     feats = {}
     for name, h in (("residual", x), ("router_input", router_input)):
         h = h.astype(jnp.float32)
         feats[f"{name}/last"] = h[jnp.arange(h.shape[0]), last]
         feats[f"{name}/mean"] = (h * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
-    return y, feats, router_input.astype(jnp.float32)
+    router_input = router_input.astype(jnp.float32)
+    if not jax.sharding.get_abstract_mesh().empty:
+        feats, router_input = jax.lax.with_sharding_constraint((feats, router_input), PartitionSpec())
+    return y, feats, router_input
 
 
-def prompt_states(model: Transformer | PromptEncoder, tokenized: list[list[int]], reduce: str,
+def prompt_states(model: Transformer | LayerSource | PromptEncoder, tokenized: list[list[int]], reduce: str,
                   gate_input: str = "residual") -> np.ndarray:
     """Per layer, the mean over prompts of each prompt's last-token ("last") or mean-over-real-tokens
     ("mean") state: [L, H] float32."""
@@ -175,8 +224,8 @@ def _normalize(v: np.ndarray) -> np.ndarray:
     return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-8)
 
 
-def hidden_gate(model: Transformer | PromptEncoder, tokenizer: Any, positive: Sequence[str], negative: Sequence[str],
-                reduce: str = "last", gate_input: str = "residual") -> np.ndarray:
+def hidden_gate(model: Transformer | LayerSource | PromptEncoder, tokenizer: Any, positive: Sequence[str],
+                negative: Sequence[str], reduce: str = "last", gate_input: str = "residual") -> np.ndarray:
     """mergekit hidden / hidden_avg: normalize(mean_pos h_l - mean_neg h_l) per layer, [L, H]."""
     enc = model if isinstance(model, PromptEncoder) else PromptEncoder(model)
     v = prompt_states(enc, tokenize_prompts(tokenizer, positive), reduce, gate_input)
@@ -250,23 +299,22 @@ def random_router(mode: str, num_layers: int, hidden_size: int, num_experts: int
     return _gates(g, num_experts, has_shared)
 
 
-def compute_gates(mode: str, experts: Sequence[Any], shared: Any | None, model: Transformer | PromptEncoder,
-                  tokenizer: Any,
+def compute_gates(mode: str, experts: Sequence[Any], shared: Any | None,
+                  model: Transformer | LayerSource | PromptEncoder, tokenizer: Any,
                   seed: int = 0, gate_input: str = "residual",
                   progress: Callable[[Sequence[Any]], Any] = lambda xs: xs) -> Gates:
     """Router vectors for `experts` (objects with positive_prompts / negative_prompts) in `mode`, plus the
     shared expert's gate vector when there is a shared expert."""
-    c = model.config  # a Transformer's or a PromptEncoder's
+    c = model.config  # a Transformer's, a LayerSource's or a PromptEncoder's
     L, H = c.num_layers, c.hidden_size
     if mode in ("random", "uniform_random"):  # the seed alone: prompts, if any, are not used
         return random_router(mode, L, H, len(experts), shared is not None, seed)
     enc = model if isinstance(model, PromptEncoder) else None
-    model = nnx.merge(enc.graphdef, enc.state) if enc else model
     everyone = list(experts) + ([shared] if shared is not None else [])
     rng = np.random.default_rng(seed)
     embed = None
     if mode in ("cheap_embed", "embed_algebra"):
-        embed = np.asarray(model.embed[...], np.float32)
+        embed = np.asarray((enc or model).embed[...], np.float32)
     if mode == "embed_algebra":
         g = embed_algebra_gates(embed, tokenizer, [(e.positive_prompts, e.negative_prompts) for e in everyone], L, rng)
     else:

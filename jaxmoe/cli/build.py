@@ -27,6 +27,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gate-input", choices=("residual", "router_input"), default="residual",
                    help="hidden gates from the residual stream entering each layer (mergekit) or from the "
                         "normalised MLP input the router actually sees")
+    p.add_argument("--mesh", default=None, metavar="SPEC",
+                   help="devices of the gate pass, e.g. data=8 or tensor=2,data=4 (axes data, fsdp, expert, tensor; "
+                        "or a preset such as v4-32): the prompt batch is split over data/fsdp/expert, the base's "
+                        "layers over tensor/fsdp where they divide, replicated otherwise; multi-host: each process "
+                        "reads only its devices' slices. Default: none on CPU; on TPU/GPU with more than one "
+                        "device, data=<all devices>. The output is written by file copies either way")
     p.add_argument("--shard-size", default="5GB", help="max bytes per safetensors shard, e.g. 500MB (default 5GB)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -75,11 +81,14 @@ def _run(args: argparse.Namespace) -> int:
     from converters.moe.build import build_moe, expert_names, routing_table
     from converters.moe.recipe import load_recipe
 
+    from jaxmoe.parallel.mesh import make_mesh
+
     start = time.perf_counter()
     recipe = load_recipe(args.recipe)
+    mesh = make_mesh(args.mesh) if args.mesh else None  # MeshError (a ValueError): one line, exit 2
     result = build_moe(recipe, args.out_dir, dtype=args.dtype, seed=args.seed, overwrite=args.overwrite,
                        layout=args.layout, gate_input=args.gate_input, max_shard_bytes=parse_size(args.shard_size),
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, mesh=mesh)
     c = result.config
     print(f"built {c.model_type}: {c.num_experts} experts, top-{c.num_experts_per_tok}, {c.num_layers} layers, "
           f"{c.dtype} -> {result.out_dir} in {time.perf_counter() - start:.1f}s")
