@@ -28,7 +28,7 @@ from jaxmoe.parallel.mesh import use_mesh
 from jaxmoe.parallel.placement import placed_mesh, replicate, shard_batch, shard_cache
 from jaxmoe.memory import release_memory
 from jaxmoe.kernels.cpu import aliased_slices
-from jaxmoe.layerwise import LayerwisePrefill, LayerwiseStep
+from jaxmoe.layerwise import SCRATCH_REUSE_LIMIT, LayerwisePrefill, LayerwiseStep, per_layer_cache
 from jaxmoe.nn.model import KVCache, Transformer, unstack_layers
 from jaxmoe.sampling import SamplingConfig, next_token, sampling_config
 
@@ -265,12 +265,19 @@ def generate_full(model, input_ids, max_new_tokens: int, temperature: float = 0.
     small = (lambda x: replicate(jnp.asarray(x), mesh)) if mesh is not None else jnp.asarray
     prefill_args = (graphdef, treedef, leaves, batched(ids_p[:, :-1]), batched(positions[:, :-1]),
                     batched(mask_p[:, :-1]))
-    if decoder is None:
-        exe, tr1, c1 = _executable("prefill", _prefill, {"length": length, "mesh": mesh}, prefill_args)
-        prefill = functools.partial(exe, leaves)
-    else:
+    tr1 = c1 = 0.0
+    if decoder is not None:
         prefill = LayerwisePrefill(decoder, *prefill_args[3:], length, _executable)
         tr1, c1 = prefill.trace_s, prefill.compile_s
+    if decoder is None or prefill.scratch_bytes > SCRATCH_REUSE_LIMIT:
+        exe, tr, co = _executable("prefill", _prefill, {"length": length, "mesh": mesh}, prefill_args)
+        tr1, c1 = tr1 + tr, c1 + co
+        prefill = functools.partial(exe, leaves)
+        if decoder is not None:  # a big prompt on CPU: scanned prefill, its cache as per-layer views
+            scanned = prefill
+
+            def prefill(*args):
+                return per_layer_cache(scanned(*args))
     cache_aval = jax.eval_shape(lambda: KVCache.empty(config, b, length, jnp.dtype(config.dtype),
                                                       per_layer=decoder is not None))
     if mesh is not None:

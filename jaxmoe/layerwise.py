@@ -8,7 +8,9 @@ over separate per-layer arrays it reads them in place, but then compiles every l
 30-layer MoE). Here each layer's arrays are zero-copy views of the stacked parameters
 (`jaxmoe.generate.unrolled_decoder`), and one compiled layer program is called per layer with that layer's
 arrays and cache: the run speed of the unrolled step, the compile time of one layer. The prefill runs the same
-way and writes each layer's cache as an array of its own. Accelerators run scanned programs instead
+way and writes each layer's cache as an array of its own, unless a layer's scratch memory is too big for that
+(`scratch_bytes`, `SCRATCH_REUSE_LIMIT`): then the scanned prefill runs and its stacked cache is handed to the
+decode as zero-copy per-layer views (`per_layer_cache`). Accelerators run scanned programs throughout
 (`jaxmoe.generate`), where slicing a stacked array costs nothing.
 """
 from __future__ import annotations
@@ -20,8 +22,29 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxmoe.kernels.cpu import aliased_slices
 from jaxmoe.nn.model import KVCache, Transformer, prologue
 from jaxmoe.sampling import SamplingConfig, next_token
+
+
+# glibc's malloc serves a block of up to 32 MiB (its largest mmap threshold) from memory it keeps, a bigger one
+# with a fresh mmap that is faulted in page by page and unmapped when freed. XLA:CPU allocates each program's
+# scratch once per call, so a per-layer program with more scratch than this faults it in again for every layer:
+# SmolLM2's prefill of 8 x 512 tokens (38 MB per layer) took 590k page faults layer by layer against 78k as one
+# scanned program, and 15% longer (benchmarks/README.md, "Backend-specific layouts").
+SCRATCH_REUSE_LIMIT = 32 << 20
+
+
+def per_layer_cache(cache: KVCache) -> KVCache:
+    """A cache stacked per layer stack ([L, ...] arrays, as the scanned prefill writes it) as one array per layer,
+    each a zero-copy view of its stack where the platform allows (CPU) and a slice otherwise. The first decode
+    step that donates a view writes a fresh array (XLA does not write into memory it does not own); the stack is
+    freed when its last view is."""
+    def layers(stacked):
+        return aliased_slices(stacked) or tuple(stacked[j] for j in range(stacked.shape[0]))
+
+    return KVCache(tuple(a for k in cache.k for a in layers(k)), tuple(a for v in cache.v for a in layers(v)),
+                   cache.valid, cache.index)
 
 
 def _decode_prologue(config, _, leaves, token, position, valid, index):
@@ -83,6 +106,9 @@ class LayerwisePrefill:
         self.layer_exes = [self._get(executable, "prefill_layer", _prefill_layer, static,
                                      (graphdef, treedef, leaves, x, cos, sin, masks[kind]))
                            for (graphdef, treedef, leaves), kind in zip(self.layers, self.kinds)]
+        # The largest scratch allocation one layer program makes per call (0 where XLA does not say).
+        stats = [exe.memory_analysis() for exe in self.layer_exes]
+        self.scratch_bytes = max((m.temp_size_in_bytes for m in stats if m is not None), default=0)
 
     def _get(self, executable, kind, fn, static, args, donate=()):
         exe, tr, co = executable(kind, fn, static, args, donate)

@@ -9,7 +9,9 @@ import pytest
 from flax import nnx
 
 import converters
+import jaxmoe.generate as gen
 from jaxmoe.generate import generate_full
+from jaxmoe.layerwise import per_layer_cache
 from jaxmoe.nn.config import ModelConfig
 from jaxmoe.nn.model import Transformer, layer_stacks, param_slots
 from tests.tiny_models import hf_logits
@@ -85,14 +87,22 @@ def test_gemma2_alternating_windows_are_one_scanned_stack(tiny_hf):
 
 
 @pytest.mark.parametrize("name", ["gemma2", "mixtral_sw", "qwen2_moe"])
-def test_layerwise_and_scanned_decode_give_the_same_tokens_and_logits(tiny_hf, name):
+def test_layerwise_and_scanned_decode_give_the_same_tokens_and_logits(tiny_hf, name, monkeypatch):
     """The CPU decode step (one program per layer over views of the stacks) and the scanned one (what
-    accelerators run) pick the same tokens with the same float32 logits, past the sliding window."""
+    accelerators run) pick the same tokens with the same float32 logits, past the sliding window; so does the
+    layer-by-layer decode after a scanned prefill (what CPU runs for prompts whose per-layer scratch is big),
+    whose stacked cache the decode takes as per-layer views."""
     model = _model(tiny_hf, name)
     ids = np.random.default_rng(1).integers(0, 128, (2, 9)).astype(np.int32)
     runs = [generate_full(model, ids, 14, eos_token_id=(), return_logits=True, layerwise=lw) for lw in (True, False)]
-    assert np.array_equal(runs[0].sequences, runs[1].sequences)
-    assert np.abs(runs[0].logits).max() > 1.0 and np.abs(runs[0].logits - runs[1].logits).max() <= 1e-4
+    views = []
+    monkeypatch.setattr(gen, "SCRATCH_REUSE_LIMIT", -1)  # every prompt counts as big
+    monkeypatch.setattr(gen, "per_layer_cache", lambda cache: views.append(cache) or per_layer_cache(cache))
+    runs.append(generate_full(model, ids, 14, eos_token_id=(), return_logits=True, layerwise=True))
+    assert len(views) == 1 and views[0].k[0].ndim == 5  # the scanned prefill's stacked cache [L, B, kv, ., .]
+    for run in runs[1:]:
+        assert np.array_equal(runs[0].sequences, run.sequences)
+        assert np.abs(runs[0].logits).max() > 1.0 and np.abs(runs[0].logits - run.logits).max() <= 1e-4
 
 
 @pytest.mark.parametrize("policy", ["full", "dots"])
