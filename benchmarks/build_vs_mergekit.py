@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 # benchmarks/ is not a package: run as a script, its own directory is on sys.path and the helper imports as is.
-from mergekit_bench import GOALS, Output, compare, cpu_name, ensure_venv, log, markdown, run_logged
+from mergekit_bench import GOALS, Output, compare, cpu_name, ensure_venv, log, markdown, run_logged, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -142,10 +142,11 @@ def prepare_smollm2(cache: Path) -> tuple[Path, Path]:
     return a, make_perturbed(a, cache / "smollm2-135m-instruct-f32-perturbed")
 
 
-QUICK_MODEL = r'''
-import sys, torch
+# A word-level tokenizer (ids 0-3 pad, BOS, EOS, unk; then the words) saved to argv[1]; also build_at_scale.py's.
+QUICK_TOKENIZER = r'''
+import sys
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 out, words = sys.argv[1], sys.argv[2].split()
 vocab = ["<pad>", "<s>", "</s>", "<unk>"] + words[:124]
@@ -153,12 +154,17 @@ tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token=
 tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
 fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                unk_token="<unk>")
+fast.save_pretrained(out)
+'''
+QUICK_MODEL = QUICK_TOKENIZER + r'''
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
 cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, bos_token_id=1,
                   eos_token_id=2, pad_token_id=0)
 torch.manual_seed(0)
 LlamaForCausalLM(cfg).to(torch.float32).save_pretrained(out)
-fast.save_pretrained(out)
 '''
 
 
@@ -173,10 +179,11 @@ def prepare_quick(tmp: Path, venv: Path) -> tuple[Path, Path]:
     return a, make_perturbed(a, tmp / "tiny-llama-perturbed")
 
 
-def write_recipe(path: Path, a: Path, b: Path, prompts: list[dict]) -> str:
+def write_recipe(path: Path, a: Path, b: Path, prompts: list[dict], dtype: str = "float32") -> str:
+    """A mergekit-moe recipe at `path`: base A, experts A, B, A, B with `prompts`, hidden gates, top-2."""
     import yaml
 
-    recipe = dict(base_model=str(a), gate_mode="hidden", dtype="float32", experts_per_token=2,
+    recipe = dict(base_model=str(a), gate_mode="hidden", dtype=dtype, experts_per_token=2,
                   experts=[dict(source_model=str(src), **p) for src, p in zip((a, b, a, b), prompts)])
     text = yaml.safe_dump(recipe, sort_keys=False, width=120)
     path.write_text(text)
@@ -273,22 +280,38 @@ def warm_page_cache(dirs: list[Path]) -> None:
                         pass
 
 
+# Linux starts a child with its parent's RSS high-water mark and keeps it across exec, so a tool started straight
+# from this process would report this process's own peak (the comparison's, say) as its ru_maxrss. A small launcher
+# forks the tool and reports the tool's rusage and wall time; the launcher's own peak is a bare interpreter's.
+RUSAGE_LAUNCHER = r'''
+import json, os, sys, time
+t0 = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, ru = os.wait4(pid, 0)
+wall = time.perf_counter() - t0
+with open(sys.argv[1], "w") as f:
+    json.dump(dict(wall_s=wall, maxrss_kib=ru.ru_maxrss, cpu_s=ru.ru_utime + ru.ru_stime), f)
+sys.exit(os.waitstatus_to_exitcode(status))
+'''
+
+
 def measure(name: str, cmd: list, log_path: Path) -> dict:
-    """Run cmd; wall time, that child's peak RSS (ru_maxrss) and CPU time; raises on failure."""
+    """Run cmd; wall time, its peak RSS (ru_maxrss) and CPU time, via RUSAGE_LAUNCHER; raises on failure."""
     log(f"timed: {name}: $ " + " ".join(shlex.quote(str(c)) for c in cmd))
     load0 = os.getloadavg()[0]
-    t0 = time.perf_counter()
+    usage = log_path.with_name(log_path.name + ".rusage.json")
     with open(log_path, "w") as fh:
-        proc = subprocess.Popen([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT, env=child_env())
-        _, status, ru = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
+        proc = subprocess.run([sys.executable, "-c", RUSAGE_LAUNCHER, usage, *cmd], stdout=fh,
+                              stderr=subprocess.STDOUT, env=child_env())
     if proc.returncode != 0:
         tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-30:])
         raise RuntimeError(f"{name} exited with {proc.returncode}; log {log_path}:\n{tail}")
-    r = dict(wall_s=wall, peak_rss_mib=ru.ru_maxrss / 1024, cpu_s=ru.ru_utime + ru.ru_stime,
+    ru = json.loads(usage.read_text())
+    r = dict(wall_s=ru["wall_s"], peak_rss_mib=ru["maxrss_kib"] / 1024, cpu_s=ru["cpu_s"],
              load1_before=load0, load1_after=os.getloadavg()[0])
-    log(f"  {name}: {wall:.1f} s wall, {r['cpu_s']:.1f} s CPU, peak RSS {r['peak_rss_mib']:.0f} MiB "
+    log(f"  {name}: {r['wall_s']:.1f} s wall, {r['cpu_s']:.1f} s CPU, peak RSS {r['peak_rss_mib']:.0f} MiB "
         f"(load {load0:.1f} -> {r['load1_after']:.1f})")
     return r
 
@@ -363,11 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"goal {k}: {'met' if ok else 'MISSED'}")
     if comp["mismatched_tensors"]:
         log(f"non-identical tensors (first 50): {', '.join(comp['mismatched_tensors'])}")
-    args.results.mkdir(parents=True, exist_ok=True)
-    stem = "build_vs_mergekit" + (".quick" if args.quick else "")
-    (args.results / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
-    (args.results / f"{stem}.md").write_text(f"# jaxmoe build vs mergekit-moe ({res['date']})\n\n" + md)
-    log(f"wrote {args.results / stem}.json and .md")
+    write_results(args.results, "build_vs_mergekit" + (".quick" if args.quick else ""), res, md,
+                  "jaxmoe build vs mergekit-moe")
     return 0
 
 

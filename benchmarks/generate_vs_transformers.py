@@ -58,7 +58,7 @@ def child_jaxmoe(spec: dict) -> dict:
     from jaxmoe.generate import generate_full
 
     t0 = time.perf_counter()
-    model = converters.load(spec["path"], dtype="float32")
+    model = converters.load(spec["path"], dtype=spec.get("dtype", "float32"))
     load_s = time.perf_counter() - t0
     ids = _prompt(spec["batch"], spec["prompt"], model.config.vocab_size)
     first = generate_full(model, ids, spec["new"], eos_token_id=())
@@ -73,21 +73,32 @@ def child_jaxmoe(spec: dict) -> dict:
                 + first.stats.prefill_s + first.stats.decode_s, tokens=runs[0].sequences[:, spec["prompt"]:].tolist())
 
 
-def child_transformers(spec: dict) -> dict:
-    """Load with transformers (sdpa attention by default), warm up, time prefill and full generation."""
+def load_transformers(path: str | Path, dtype: str = "float32", attn: str = "sdpa", device: str = "cpu"):
+    """transformers' model of an HF directory or a .gguf file (dequantized), in `dtype` on `device`, eval mode."""
     import torch
-    from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+    from transformers import AutoModelForCausalLM
 
-    path = Path(spec["path"])
-    kw = dict(dtype=torch.float32, attn_implementation=spec["attn"])
-    t0 = time.perf_counter()
+    path = Path(path)
+    kw = dict(dtype=getattr(torch, dtype), attn_implementation=attn)
     if path.suffix == ".gguf":
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kw)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kw)
-    model.eval()
+    return model.to(device).eval()
+
+
+def child_transformers(spec: dict) -> dict:
+    """Load with transformers (sdpa attention by default), warm up, time prefill and full generation.
+    spec may name a torch `device` (default cpu) and a `dtype` (default float32)."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    device = spec.get("device", "cpu")
+    t0 = time.perf_counter()
+    model = load_transformers(spec["path"], spec.get("dtype", "float32"), spec["attn"], device)
     load_s = time.perf_counter() - t0
-    ids = torch.as_tensor(_prompt(spec["batch"], spec["prompt"], model.config.vocab_size), dtype=torch.long)
+    ids = torch.as_tensor(_prompt(spec["batch"], spec["prompt"], model.config.vocab_size), dtype=torch.long,
+                          device=device)
     mask = torch.ones_like(ids)
     pad = model.generation_config.pad_token_id
     pad = pad if pad is not None else 0
@@ -99,6 +110,8 @@ def child_transformers(spec: dict) -> dict:
             self.times: list[float] = []
 
         def __call__(self, input_ids, scores):
+            if scores.is_cuda:  # kernels run asynchronously: the logits are ready only after a sync
+                torch.cuda.synchronize()
             self.times.append(time.perf_counter())
             return scores
 
@@ -117,7 +130,8 @@ def child_transformers(spec: dict) -> dict:
     prefill_s, decode_s = min(r[0] for r in runs), min(r[1] for r in runs)
     b, n = spec["batch"], spec["new"]
     return dict(prefill_tps=b * spec["prompt"] / prefill_s, decode_tps=b * (n - 1) / decode_s,
-                compile_s=0.0, load_s=load_s, first_call_s=runs[0][2], tokens=runs[0][3][:, spec["prompt"]:].tolist(),
+                compile_s=0.0, load_s=load_s, first_call_s=runs[0][2],
+                tokens=runs[0][3][:, spec["prompt"]:].cpu().tolist(),
                 experts_impl=getattr(model.config, "_experts_implementation", None))
 
 
@@ -131,13 +145,14 @@ def child_main(spec: dict) -> None:
 # ---- parent ------------------------------------------------------------------------------------------
 
 
-def make_mixtral(out: Path) -> Path:
-    """A random Mixtral-shaped model saved by transformers (float32)."""
+def make_mixtral(out: Path, shape: dict | None = None) -> Path:
+    """A random Mixtral-shaped model (MixtralConfig fields `shape`, default MIXTRAL) saved by transformers
+    (float32)."""
     import torch
     import transformers as tf
 
     torch.manual_seed(0)
-    model = tf.MixtralForCausalLM(tf.MixtralConfig(**MIXTRAL)).float().eval()
+    model = tf.MixtralForCausalLM(tf.MixtralConfig(**(shape or MIXTRAL))).float().eval()
     model.save_pretrained(out)
     return out
 

@@ -256,6 +256,14 @@ def markdown(res: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def write_results(results: Path, stem: str, res: dict, md: str, title: str) -> None:
+    """results/STEM.json (`res`) and results/STEM.md (a `# title (date)` heading, then `md`)."""
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
+    (results / f"{stem}.md").write_text(f"# {title} ({res['date']})\n\n" + md)
+    log(f"wrote {results / stem}.json and .md")
+
+
 def cpu_name() -> str:
     """The CPU model name, for the report."""
     try:
