@@ -88,7 +88,20 @@ def _layer_programs(model: Transformer) -> list[tuple[Any, Any, list]]:
     return out
 
 
-class LayerwisePrefill:
+class _Programs:
+    """Compiles (or finds) programs through `executable` and adds up the seconds spent tracing and compiling."""
+
+    trace_s: float = 0.0
+    compile_s: float = 0.0
+
+    def _get(self, executable, kind, fn, static, args, donate=()):
+        exe, tr, co = executable(kind, fn, static, args, donate)
+        self.trace_s += tr
+        self.compile_s += co
+        return exe
+
+
+class LayerwisePrefill(_Programs):
     """The prefill of an unrolled model (`unrolled_decoder`) layer by layer: called as prefill(ids, positions,
     mask) -> a per-layer KVCache of `length` slots holding the prompt (its logits are never computed)."""
 
@@ -97,7 +110,6 @@ class LayerwisePrefill:
         c = model.config
         self.kinds, self.layers, self.embed = c.layer_types, _layer_programs(model), model.embed[...]
         self.index = jnp.asarray(ids.shape[1], jnp.int32)
-        self.trace_s = self.compile_s = 0.0
         static = {"length": length}
         pro_args = (c, None, [self.embed], ids, positions, mask)
         self.pro = self._get(executable, "prefill", _prefill_prologue, static, pro_args)
@@ -109,12 +121,6 @@ class LayerwisePrefill:
         # The largest scratch allocation one layer program makes per call (0 where XLA does not say).
         stats = [exe.memory_analysis() for exe in self.layer_exes]
         self.scratch_bytes = max((m.temp_size_in_bytes for m in stats if m is not None), default=0)
-
-    def _get(self, executable, kind, fn, static, args, donate=()):
-        exe, tr, co = executable(kind, fn, static, args, donate)
-        self.trace_s += tr
-        self.compile_s += co
-        return exe
 
     def __call__(self, ids, positions, mask) -> KVCache:
         x, cos, sin, masks, valid = self.pro([self.embed], ids, positions, mask)
@@ -149,7 +155,7 @@ def _decode_head(graphdef, treedef, leaves, x, position, done, key, step, index,
     return nxt, position + 1, done, step + 1, index + 1, (logits if return_logits else None)
 
 
-class LayerwiseStep:
+class LayerwiseStep(_Programs):
     """A decode step of an unrolled model (`unrolled_decoder`) built from per-layer programs; called like the
     compiled whole-step program: step(cache, token, position, done, key, step, *scalars). `executable(kind,
     fn, static, args, donate)` compiles (or finds) each program: `jaxmoe.generate`'s LRU of executables."""
@@ -165,7 +171,6 @@ class LayerwiseStep:
         hl, ht = jax.tree.flatten(hs)
         self.head_args = (hg, ht, hl)
         self.embed = model.embed[...]
-        self.trace_s = self.compile_s = 0.0
         pro_args = (c, None, [self.embed], token, position, cache.valid, cache.index)
         self.pro = self._get(executable, "decode_prologue", _decode_prologue, {}, pro_args)
         x, cos, sin, masks, _ = jax.eval_shape(functools.partial(_decode_prologue, c, None), *pro_args[2:])
@@ -175,8 +180,6 @@ class LayerwiseStep:
             self.layer_exes.append(self._get(executable, "decode_layer", _decode_layer, {}, args, donate=(7, 8)))
         self.head = self._get(executable, "decode", _decode_head, {"sampling": sampling, "return_logits": return_logits},
                               (*self.head_args, x, position, done, key, step, cache.index, *scalars))
-
-    _get = LayerwisePrefill._get
 
     def __call__(self, cache: KVCache, token, position, done, key, step, *scalars):
         x, cos, sin, masks, valid = self.pro([self.embed], token, position, cache.valid, cache.index)
