@@ -205,8 +205,9 @@ def default_load_dtype(checkpoint_dtype: str) -> str:
 class LayerSource:
     """A checkpoint's token embedding and decoder layers, each read when asked for: `layer(i)` is decoder layer i
     as a module of its own (what `Transformer.layer(i)` gives of a loaded model), its arrays in `dtype` (default
-    the config's), read from `source` only then. Holding one layer at a time bounds memory by one layer plus the
-    embedding (`embed`, read once), whatever the depth. `config`, `embed` and `layer` are what a layer-by-layer
+    the config's), read from `source` only then, and so is the token embedding (`embed`, read on every access:
+    a layer-by-layer pass needs it once, before the first layer). Holding one layer at a time bounds memory by
+    one layer (or the embedding), whatever the depth. `config`, `embed` and `layer` are what a layer-by-layer
     pass needs of a `Transformer` too.
 
     With a mesh every array is placed by the rule table (`jaxmoe.parallel.rules`) where it divides the mesh and
@@ -223,7 +224,12 @@ class LayerSource:
         self._axes = {".".join(map(str, p)): tuple(v.get_metadata()["axes"])
                       for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
         self._stacks = [(group, nnx.split(stack)) for group, stack in zip(layer_stacks(config), model.stacks)]
-        self.embed = self._read("embed")
+
+    @property
+    def embed(self) -> jax.Array:
+        """The token embedding [V, H], read from the source now (at Mistral-7B width 262 MB in bfloat16: held
+        through the layers it would outweigh a decoder layer's activations)."""
+        return self._read("embed")
 
     def _read(self, name: str) -> jax.Array:
         t = self._targets[name]
@@ -252,7 +258,7 @@ class LayerSource:
 
 def open_layers(path: str | Path, dtype: str | None = None, mesh: Mesh | str | None = None) -> LayerSource:
     """`LayerSource` of an HF directory, a `.gguf` file or a jaxmoe orbax checkpoint; dtype None keeps the
-    checkpoint's (GGUF: float32). Reads the configuration, the headers and the embedding."""
+    checkpoint's (GGUF: float32). Reads the configuration and the headers, no tensor."""
     config, source, default_dtype = open_source(path)  # no check_mesh: the mesh need not fit the model
     return LayerSource(config, source, dtype or default_dtype, make_mesh(mesh) if isinstance(mesh, str) else mesh)
 
