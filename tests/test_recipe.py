@@ -232,9 +232,9 @@ def test_gemma2moe_flavor(tmp_path):
 
 def test_shipped_recipes_parse(tmp_path):
     smol = load_recipe(RECIPES / "smollm2-4x.yml")
-    assert (smol.gate_mode, smol.experts_per_token, smol.dtype, len(smol.experts)) == ("hidden", 2, "float32", 4)
+    assert (smol.gate_mode, smol.experts_per_token, smol.dtype, len(smol.experts)) == ("calibrated", 2, "float32", 4)
     assert {Path(e.source_model).name for e in smol.experts} == {"smollm2-135m-instruct.gguf"}
-    assert all(3 <= len(e.positive_prompts) <= 5 and 1 <= len(e.negative_prompts) <= 2 for e in smol.experts)
+    assert all(len(e.positive_prompts) == 16 and len(e.negative_prompts) == 2 for e in smol.experts)
     (tmp_path / "smollm2-135m-instruct.gguf").write_bytes(b"")
     assert load_recipe(RECIPES / "smollm2-4x.yml", search_dirs=[tmp_path]).base_model == \
         str(tmp_path / "smollm2-135m-instruct.gguf")

@@ -29,6 +29,7 @@ from converters.atomic import terminate_as_interrupt
 from converters.errors import CheckpointError
 from converters.hf.config import config_from_hf
 from converters.moe.gates import Gates, PromptEncoder, compute_gates, random_router, tokenize_prompts
+from converters.moe.heldout import HeldoutScores, base_heldout_scores, format_scores, load_heldout
 from converters.moe.recipe import (RANDOM_GATE_MODES, RECIPE_FILE, MoERecipe, OutputPlan, RecipeError, expert_names,
                                    load_recipe, validate_sources)
 from converters.moe.tensors import Cancelled, raw_getter, tensor_getter
@@ -87,6 +88,7 @@ class BuildResult:
     gates: Gates
     routing: np.ndarray  # [groups, E]: share of prompt tokens whose top-1 expert is e, per expert's prompts
     # (NaN rows for experts without prompts: random gates need none)
+    heldout: HeldoutScores | None = None  # held-out routing scores when `heldout` was given
 
 
 def routing_preview(encoder: PromptEncoder | None, tokenizer, gates: Gates, prompt_groups: list[list[str]]
@@ -213,13 +215,17 @@ def default_gate_mesh() -> Mesh | None:
 def build_moe(recipe: str | Path | MoERecipe, out_dir: str | Path, *, dtype: str | None = None, seed: int = 0,
               overwrite: bool = False, layout: str = "legacy", gate_input: str = "residual",
               max_shard_bytes: int = 5_000_000_000, search_dirs: tuple = (), progress: bool = True,
-              on_gates: Callable[[Gates], None] | None = None, mesh: Mesh | str | None = None) -> BuildResult:
+              on_gates: Callable[[Gates], None] | None = None, mesh: Mesh | str | None = None,
+              heldout: str | Path | None = None) -> BuildResult:
     """Build the MoE a recipe describes and write it as an HF directory at `out_dir` (atomically).
 
     mesh: the devices of the gate pass (a Mesh or a spec such as `data=8`): the prompt batch is split over
     the data-like axes, the base's layers placed by the rule table where they divide it, replicated otherwise;
     each process reads only what its devices hold. None: `default_gate_mesh()` (no mesh on CPU; every device
-    on `data` on TPU/GPU with more than one). The files are written by file-to-file copies either way."""
+    on `data` on TPU/GPU with more than one). The files are written by file-to-file copies either way.
+
+    heldout: a JSONL file of {"expert": NAME, "text": ...} (`converters.moe.heldout`): the routers' held-out
+    accuracy, measured with the base model's router inputs, goes into the result and the model card."""
     from converters.hf.writer import check_layout
     from converters.load import open_layers
     from converters.moe.model_card import model_card
@@ -238,13 +244,15 @@ def build_moe(recipe: str | Path | MoERecipe, out_dir: str | Path, *, dtype: str
     config = output_config(base_config, plan, out_dtype)
     check_layout(config, layout)
     tokenizer = load_tokenizer(recipe.base_model, light=True)
+    names = expert_names(recipe)
+    heldout_items = load_heldout(heldout, names) if heldout is not None else None  # bad file: fail now
     later_gates, later_card, cancelled = _Later(), _Later(), threading.Event()
     get = tensor_getter(recipe, config, base_config, later_gates.get, seed)
     raw = raw_getter(recipe, base_config, out_dtype, cancelled)
     prompt_groups = [e.positive_prompts for e in recipe.experts]
     # Random gates come from the seed alone: the base model runs only for a routing preview of prompts.
     random_mode = recipe.gate_mode in RANDOM_GATE_MODES
-    need_base = not random_mode or any(prompt_groups)
+    need_base = not random_mode or any(prompt_groups) or heldout_items is not None
     # SIGTERM / SIGHUP raise in this thread from here on, so the except below stops the export thread
     # and its temporary directory goes, as for Ctrl-C.
     with terminate_as_interrupt():
@@ -255,10 +263,19 @@ def build_moe(recipe: str | Path | MoERecipe, out_dir: str | Path, *, dtype: str
         try:
             export.start()  # inside the try: a signal arriving just now still cancels and joins it
             encoder = None
-            if need_base:  # the checkpoint's dtype: the jitted steps compute in float32
-                layers = open_layers(recipe.base_model, mesh=mesh)
+            if need_base:
+                # The jitted steps compute in float32. On an accelerator the layers travel in the checkpoint's
+                # dtype (device memory is what is short); on CPU, where host and device memory are one, they
+                # are read as float32 at once, which holds one float32 copy of a layer instead of the stored one
+                # plus XLA's float32 casts (Mistral-7B width: peak RSS of the gate pass 1.53 -> 1.21 GB).
+                on_cpu = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform == "cpu"
+                layers = open_layers(recipe.base_model, dtype="float32" if on_cpu else None, mesh=mesh)
                 export.check()
-                encoder = PromptEncoder(layers, bucket=1)  # one batch of exactly the prompts' shape: one compile
+                # One batch of exactly the prompts' shape (up to 128 of them; mergekit runs each expert's
+                # prompts as one batch): one compile
+                n_prompts = len({p for e in recipe.experts + recipe.shared_experts
+                                 for p in [*e.positive_prompts, *e.negative_prompts]})
+                encoder = PromptEncoder(layers, rows=min(128, max(16, n_prompts)), bucket=1)
                 del layers
             shared = recipe.shared_experts[0] if recipe.shared_experts else None
             if random_mode:
@@ -272,10 +289,15 @@ def build_moe(recipe: str | Path | MoERecipe, out_dir: str | Path, *, dtype: str
             if on_gates:
                 on_gates(gates)
             routing = routing_preview(encoder, tokenizer, gates, prompt_groups)
+            scores = report = None
+            if heldout_items is not None:
+                scores = base_heldout_scores(encoder, tokenizer, gates.router, heldout_items, recipe.experts_per_token)
+                report = format_scores(scores, names, Path(heldout).name)
             del encoder
             later_gates.set(gates)  # the export's arithmetic part starts now, after the base model is gone
-            table = routing_table(expert_names(recipe), routing) if np.isfinite(routing).any() else None
-            later_card.set(model_card(config, recipe_text=recipe.raw_text, routing_table=table))
+            table = routing_table(names, routing) if np.isfinite(routing).any() else None
+            later_card.set(model_card(config, recipe_text=recipe.raw_text, routing_table=table,
+                                      gate_mode=recipe.gate_mode, heldout=report))
             export.result()
         except BaseException:
             cancelled.set()
@@ -284,4 +306,4 @@ def build_moe(recipe: str | Path | MoERecipe, out_dir: str | Path, *, dtype: str
             if export.ident is not None:  # started: it removes its temporary directory before we re-raise
                 export.join()
             raise
-    return BuildResult(out_dir, config, gates, routing)
+    return BuildResult(out_dir, config, gates, routing, scores)

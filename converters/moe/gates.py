@@ -4,6 +4,9 @@ Formulas: ../shared/reference/moe-building.md sections 1.3 (mergekit-moe) and 2.
 mergekit means, not its accidents: each prompt runs with its own correct positions (right padding, so no
 left-padding position shift) and pad positions never enter a mean.
 
+jaxmoe's own modes `router_mean` and `calibrated` (`fitted_gates`; the math in `converters.moe.gate_fit`) use the
+router input of every prompt token instead of one state per prompt.
+
 `gate_input` chooses what a hidden-state gate is taken from: "residual" (mergekit: the residual stream
 entering layer l) or "router_input" (the normalised MLP input the router of layer l actually sees).
 """
@@ -20,6 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from converters.moe.gate_fit import FIT_GATE_MODES, calibrated_gates, router_mean_gates
 from jaxmoe.nn.model import Transformer, prologue
 from jaxmoe.parallel.mesh import use_mesh
 from jaxmoe.parallel.placement import shard_batch
@@ -178,6 +182,21 @@ class PromptEncoder:
                 out[b].append(np.einsum("nh,eh->ne", np.asarray(r)[mask.astype(bool)], router[layer]).argmax(-1))
         return np.concatenate([np.stack(o) for o in out], axis=1)
 
+    def token_states(self, tokenized: list[list[int]]) -> list[np.ndarray]:
+        """Router inputs [L, T, H] of every token of each sequence, float32: computed (sequences sorted by
+        length, so few padded shapes) where not kept yet, and kept whatever `keep_bytes` says, since the
+        callers (fitted gates, held-out scores) need them all at once."""
+        todo = [list(s) for s in dict.fromkeys(map(tuple, tokenized)) if "states" not in self.cache.get(s, {})]
+        for s in todo:
+            self.cache.pop(tuple(s), None)
+        if todo:
+            keep, self.keep_bytes = self.keep_bytes, math.inf
+            try:
+                self.features(sorted(todo, key=len))
+            finally:
+                self.keep_bytes = keep
+        return [self.cache[tuple(s)]["states"] for s in tokenized]
+
 
 def _prologue(c, embed, ids, mask):
     """What `Transformer.forward` computes before its first layer (no cache, default positions), in float32,
@@ -310,6 +329,8 @@ def compute_gates(mode: str, experts: Sequence[Any], shared: Any | None,
     if mode in ("random", "uniform_random"):  # the seed alone: prompts, if any, are not used
         return random_router(mode, L, H, len(experts), shared is not None, seed)
     enc = model if isinstance(model, PromptEncoder) else None
+    if mode in FIT_GATE_MODES:
+        return fitted_gates(mode, experts, shared, enc or PromptEncoder(model), tokenizer)
     everyone = list(experts) + ([shared] if shared is not None else [])
     rng = np.random.default_rng(seed)
     embed = None
@@ -332,3 +353,19 @@ def compute_gates(mode: str, experts: Sequence[Any], shared: Any | None,
                 vecs.append(hidden_gate(enc, tokenizer, e.positive_prompts, e.negative_prompts, reduce, gate_input))
         g = np.stack(vecs, axis=1)
     return _gates(g, len(experts), shared is not None)
+
+
+def fitted_gates(mode: str, experts: Sequence[Any], shared: Any | None, enc: PromptEncoder, tokenizer: Any) -> Gates:
+    """gate_mode router_mean / calibrated (`converters.moe.gate_fit`) from the router input of every real token
+    of every prompt (the BOS prefix left out), all prompts in one pass over the layers. A shared expert's gate
+    is hidden_avg's formula on the router inputs. No degenerate-layer warning: the fits are regularised."""
+    groups = [e.positive_prompts for e in experts] + [e.negative_prompts for e in experts]
+    seqs = [tokenize_prompts(tokenizer, g) for g in groups]
+    states = iter(enc.token_states([s for g in seqs for s in g]))
+    skip = int(getattr(tokenizer, "bos_token_id", None) is not None)
+    tokens = [np.concatenate([next(states)[:, skip:] for _ in g], 1) if g else None for g in seqs]
+    pos, neg = tokens[:len(experts)], tokens[len(experts):]
+    router = router_mean_gates(pos) if mode == "router_mean" else calibrated_gates(pos, neg)
+    gate = None if shared is None else \
+        hidden_gate(enc, tokenizer, shared.positive_prompts, shared.negative_prompts, "mean", "router_input")
+    return Gates(router, gate, gate_condition_numbers(router))

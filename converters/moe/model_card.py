@@ -32,6 +32,24 @@ def parameter_count(config: ModelConfig) -> tuple[int, int]:
     return total, active
 
 
+# What each recipe gate_mode computes, for the card (formulas: README "Gate modes").
+GATE_MODE_TEXT = {
+    "hidden": "mergekit-moe's: the base model's hidden state at each prompt's last token, positives minus "
+              "negatives, normalised",
+    "hidden_avg": "mergekit-moe's: the base model's hidden states averaged over each prompt, positives minus "
+                  "negatives, normalised",
+    "cheap_embed": "mergekit-moe's: the normalised sum of the prompts' token embeddings, the same in every layer",
+    "random": "mergekit-moe's: standard normal, to be trained",
+    "uniform_random": "mergekit-moe's: uniform in +-1/sqrt(hidden size), to be trained",
+    "embed_algebra": "the Gemma-2-MoE toolkit's: mean prompt embeddings, positives minus half the negatives, "
+                     "centred and scaled",
+    "router_mean": "jaxmoe's: the mean router input (normalised MLP input) over all prompt tokens, centred "
+                   "across experts, scaled per layer",
+    "calibrated": "jaxmoe's: per layer, a logistic regression of the router on the router inputs of every prompt "
+                  "token, negative prompts as counter-examples",
+}
+
+
 def _human(n: int) -> str:
     for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= div:
@@ -85,8 +103,12 @@ def _usage(config: ModelConfig) -> str:
     return text
 
 
-def model_card(config: ModelConfig, recipe_text: str | None = None, routing_table: str | None = None) -> str:
-    """Markdown README for a model directory: description, recipe YAML, routing table, loading snippet."""
+def model_card(config: ModelConfig, recipe_text: str | None = None, routing_table: str | None = None,
+               gate_mode: str | None = None, heldout: str | None = None) -> str:
+    """Markdown README for a model directory: description, recipe YAML, routing table, loading snippet.
+
+    gate_mode: the recipe's, named with what it computes; heldout: a held-out routing report (markdown,
+    `converters.moe.heldout.format_scores`), when one was measured."""
     tags = ["jaxmoe", "safetensors"] + (["moe", "frankenmoe"] if config.is_moe else [])
     front = "---\nlibrary_name: transformers\ntags:\n" + "".join(f"- {t}\n" for t in tags) + "---\n\n"
     kind = "mixture-of-experts" if config.is_moe else "dense"
@@ -94,11 +116,19 @@ def model_card(config: ModelConfig, recipe_text: str | None = None, routing_tabl
              "Written by jaxmoe (JAX/Flax)"
              + (" from a mergekit-style MoE recipe: the experts are MLPs of dense models, the routers were "
                 "computed from prompts." if recipe_text else ".") + "\n\n",
-             _description(config), "\n\n"]
+             _description(config), "\n"]
+    if gate_mode:
+        parts.append(f"- Routers: gate_mode `{gate_mode}`"
+                     + (f" ({GATE_MODE_TEXT[gate_mode]})" if gate_mode in GATE_MODE_TEXT else "") + ".\n")
+        if heldout:
+            parts.append("- " + heldout.split("\n", 1)[0].rstrip(".") + ".\n")  # its headline
+    parts.append("\n")
     if recipe_text:
         parts += ["## Recipe\n\n```yaml\n", recipe_text.rstrip("\n"), "\n```\n\n"]
     if routing_table:
         parts += ["## Routing\n\nShare of tokens whose top-1 expert is each column, for the prompts of each "
                   "expert (row), averaged over layers:\n\n", routing_table.rstrip("\n"), "\n\n"]
+    if heldout:
+        parts += ["## Held-out routing\n\n", heldout.rstrip("\n"), "\n\n"]
     parts += ["## Usage\n\n", _usage(config)]
     return "".join(parts)

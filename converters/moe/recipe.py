@@ -20,11 +20,15 @@ from converters.moe.sources import OutputPlan, validate_sources
 from converters.moe.recipe_yaml import FieldPath, RecipeError, field_name, load_tracked
 
 __all__ = [
-    "ARCHITECTURES", "DTYPES", "GATE_MODES", "ExpertSpec", "MoERecipe", "OutputPlan", "RecipeError",
-    "load_recipe", "parse_recipe", "validate_sources",
+    "ARCHITECTURES", "DTYPES", "GATE_MODES", "JAXMOE_GATE_MODES", "ExpertSpec", "MoERecipe", "OutputPlan",
+    "RecipeError", "load_recipe", "parse_recipe", "validate_sources",
 ]
 
-GATE_MODES = ("hidden", "hidden_avg", "cheap_embed", "random", "uniform_random", "embed_algebra")
+# mergekit-moe's modes, the Gemma-2-MoE toolkit's embed_algebra, and jaxmoe's own router_mean / calibrated
+# (converters/moe/gate_fit.py: mergekit-moe rejects a recipe that names them).
+GATE_MODES = ("hidden", "hidden_avg", "cheap_embed", "random", "uniform_random", "embed_algebra", "router_mean",
+              "calibrated")
+JAXMOE_GATE_MODES = frozenset({"router_mean", "calibrated"})
 GATE_MODE_ALIASES = {"hidden_last": "hidden"}
 RANDOM_GATE_MODES = frozenset({"random", "uniform_random"})  # the only modes that need no prompts
 DTYPES = ("bfloat16", "float16", "float32")
@@ -151,6 +155,9 @@ class _Parser:
             given = k_key in data
             raise self.err((k_key,), f"{k}{'' if given else ' (the default)'} is more than the number of "
                            f"experts ({len(experts)})", None if given else ("experts",))
+        if self.gate_mode in JAXMOE_GATE_MODES and len(experts) < 2:
+            raise self.err(("gate_mode",), f"'{self.gate_mode}' fits routers that tell experts apart: it needs "
+                           f"at least 2 experts, the recipe has {len(experts)}")
         if self.gate_mode not in RANDOM_GATE_MODES and len(experts) > 1 and \
                 len({(tuple(e.positive_prompts), tuple(e.negative_prompts)) for e in experts}) == 1:
             raise self.err(("experts",), f"all {len(experts)} experts have the same positive and negative "

@@ -5,6 +5,7 @@ import argparse
 import atexit
 import contextlib
 import gc
+import os
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,6 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "layers over tensor/fsdp where they divide, replicated otherwise; multi-host: each process "
                         "reads only its devices' slices. Default: none on CPU; on TPU/GPU with more than one "
                         "device, data=<all devices>. The output is written by file copies either way")
+    p.add_argument("--heldout", metavar="FILE",
+                   help='JSONL of {"expert": NAME, "text": ...} (NAME: an expert\'s name in the recipe, or its index): '
+                        "report how often each layer's router sends a held-out text's tokens to its expert "
+                        "(token-level top-1 / top-k per domain, confusion), here and in the model card")
     p.add_argument("--shard-size", default="5GB", help="max bytes per safetensors shard, e.g. 500MB (default 5GB)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -88,10 +93,14 @@ def _run(args: argparse.Namespace) -> int:
     mesh = make_mesh(args.mesh) if args.mesh else None  # MeshError (a ValueError): one line, exit 2
     result = build_moe(recipe, args.out_dir, dtype=args.dtype, seed=args.seed, overwrite=args.overwrite,
                        layout=args.layout, gate_input=args.gate_input, max_shard_bytes=parse_size(args.shard_size),
-                       progress=not args.no_progress, mesh=mesh)
+                       progress=not args.no_progress, mesh=mesh, heldout=args.heldout)
     c = result.config
     print(f"built {c.model_type}: {c.num_experts} experts, top-{c.num_experts_per_tok}, {c.num_layers} layers, "
           f"{c.dtype} -> {result.out_dir} in {time.perf_counter() - start:.1f}s")
     print("routing preview (share of each expert's prompt tokens sent to each expert, top-1, all layers):")
     print(routing_table(expert_names(recipe), result.routing))
+    if result.heldout is not None:
+        from converters.moe.heldout import format_scores
+
+        print(format_scores(result.heldout, expert_names(recipe), os.path.basename(args.heldout)))
     return 0

@@ -1,4 +1,5 @@
-"""`jaxmoe inspect MODEL --prompts FILE`: which experts each layer picks, and the load per expert."""
+"""`jaxmoe inspect MODEL --prompts FILE`: which experts each layer picks, and the load per expert;
+`--heldout FILE`: how often each layer sends a held-out text's tokens to the text's expert."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +14,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="MoE model: HF directory or .gguf file")
     p.add_argument("--prompts", help="text file, one prompt per line (default: four built-in prompts)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable; adds to --prompts)")
+    p.add_argument("--heldout", metavar="FILE",
+                   help='JSONL of {"expert": NAME, "text": ...}: held-out routing accuracy of the model itself '
+                        "(token-level top-1 / top-k per domain and layer, confusion); NAME as in the recipe the "
+                        "model carries, or an expert index")
     p.add_argument("--out", default=None, help="directory for routing.png and routing.txt (default: print only)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
 
@@ -73,6 +78,30 @@ def heatmap(load, path: Path, names: list[str] | None = None) -> None:
     plt.close(fig)
 
 
+def heldout_scores(model, tokenizer, items: list[tuple[int, str]], rows: int = 16):
+    """`HeldoutScores` of the MoE itself (its own top-k per MoE layer) on (expert, text) items."""
+    from converters.moe.gates import tokenize_prompts
+    from converters.moe.heldout import score_routing
+    from jaxmoe.routing import route_prompts
+
+    ids = tokenize_prompts(tokenizer, [t for _, t in items])
+    skip = int(getattr(tokenizer, "bos_token_id", None) is not None)  # the BOS: the same for every text
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths per batch: little padding
+    experts: list = [None] * len(ids)
+    for start in range(0, len(order), rows):
+        chunk = order[start:start + rows]
+        for i, r in zip(chunk, route_prompts(model, [ids[i] for i in chunk], impl=None)):
+            experts[i] = r.experts[:, skip:]
+    return score_routing(experts, [e for e, _ in items], model.config.num_experts)
+
+
+def heldout_report(model, tokenizer, path: str, names: list[str]) -> str:
+    """Held-out routing accuracy of the MoE on a JSONL file, as markdown (`format_scores`)."""
+    from converters.moe.heldout import format_scores, load_heldout
+
+    return format_scores(heldout_scores(model, tokenizer, load_heldout(path, names)), names, Path(path).name)
+
+
 def run(args: argparse.Namespace) -> int:
     """Print the report; write PNG + text with --out."""
     import converters
@@ -88,7 +117,17 @@ def run(args: argparse.Namespace) -> int:
     if not model.config.is_moe:
         raise CliError(f"{args.model}: model_type {model.config.model_type} has no experts to inspect")
     names = model_expert_names(args.model, model.config.num_experts)
-    text, load = report(model, load_tokenizer(args.model), prompts, names)
+    tokenizer = load_tokenizer(args.model)
+    if args.heldout:
+        from converters.moe.heldout import HeldoutError
+
+        try:
+            print(heldout_report(model, tokenizer, args.heldout, names))
+        except HeldoutError as e:
+            raise CliError(str(e)) from None
+        if not (args.prompt or args.prompts or args.out):
+            return 0
+    text, load = report(model, tokenizer, prompts, names)
     print(text)
     if args.out:
         out = Path(args.out)
