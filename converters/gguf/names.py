@@ -42,6 +42,7 @@ class Family:
     rope_permuted: bool = False  # llama.cpp interleaves q/k rows per head for its rotary layout
     norm_offset: float = 0.0  # llama.cpp stores (offset + w) for every `*norm.weight`
     hidden_act: str = "silu"
+    expert_block: str = "block_sparse_moe"  # HF module holding the experts: `{block}.experts.{e}.`
 
 
 _LLAMA_BLOCK = {**_ATTENTION, "ffn_norm": "post_attention_layernorm", **_DENSE_MLP}
@@ -63,12 +64,24 @@ FAMILIES: dict[str, Family] = {
          "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm", **_DENSE_MLP},
         norm_offset=1.0, hidden_act="gelu_pytorch_tanh",
     ),
+    # llama.cpp's qwen2 / qwen2moe: NEOX rotary (no q/k row interleave); every qwen2moe layer is sparse, with a
+    # shared expert and its sigmoid gate
+    "qwen2": Family("qwen2", "Qwen2ForCausalLM", _LLAMA_BLOCK),
+    "qwen2_moe": Family(
+        "qwen2_moe", "Qwen2MoeForCausalLM",
+        {**_ATTENTION, "ffn_norm": "post_attention_layernorm", "ffn_gate_inp": "mlp.gate",
+         "ffn_gate_inp_shexp": "mlp.shared_expert_gate", "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+         "ffn_up_shexp": "mlp.shared_expert.up_proj", "ffn_down_shexp": "mlp.shared_expert.down_proj",
+         **_DENSE_MLP},  # the dense layers (`mlp_only_layers`) of an HF Qwen2-MoE
+        experts={"ffn_gate": "gate_proj", "ffn_down": "down_proj", "ffn_up": "up_proj"}, expert_block="mlp",
+    ),
 }
 
 _GLOBAL_RE = re.compile(r"^(?P<leaf>[a-z_]+)\.(?P<kind>weight|bias)$")
 _BLOCK_RE = re.compile(r"^blk\.(?P<layer>\d+)\.(?P<leaf>[a-z_]+)(?:\.(?P<expert>\d+))?\.(?P<kind>weight|bias)$")
 _HF_EXPERT_RE = re.compile(
-    r"^model\.layers\.(?P<layer>\d+)\.block_sparse_moe\.experts\.(?P<expert>\d+)\.(?P<leaf>\w+)\.(?P<kind>weight)$")
+    r"^model\.layers\.(?P<layer>\d+)\.(?:block_sparse_moe|mlp)\.experts\.(?P<expert>\d+)\.(?P<leaf>\w+)"
+    r"\.(?P<kind>weight)$")
 _HF_BLOCK_RE = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?P<leaf>[\w.]+)\.(?P<kind>weight|bias)$")
 _HF_GLOBAL_RE = re.compile(r"^(?P<leaf>[\w.]+)\.(?P<kind>weight|bias)$")
 
@@ -99,10 +112,10 @@ def to_hf(gguf_name: str, family: Family, num_stacked: int = 0) -> list[MappedNa
         if leaf not in family.experts:
             return []
         e = int(m["expert"])
-        return [MappedName(f"{prefix}.block_sparse_moe.experts.{e}.{family.experts[leaf]}.{kind}", leaf)]
+        return [MappedName(f"{prefix}.{family.expert_block}.experts.{e}.{family.experts[leaf]}.{kind}", leaf)]
     if leaf.endswith("_exps") and leaf[: -len("_exps")] in family.experts:
         hf_leaf = family.experts[leaf[: -len("_exps")]]
-        return [MappedName(f"{prefix}.block_sparse_moe.experts.{e}.{hf_leaf}.{kind}", leaf, e)
+        return [MappedName(f"{prefix}.{family.expert_block}.experts.{e}.{hf_leaf}.{kind}", leaf, e)
                 for e in range(num_stacked)]
     if leaf in family.block:
         return [MappedName(f"{prefix}.{family.block[leaf]}.{kind}", leaf)]

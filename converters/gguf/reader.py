@@ -3,11 +3,14 @@ float values (dequantized one tensor at a time, on demand) and an HF config.json
 
 What llama.cpp's converter changed, undone here: tensor names (`gguf_names.py`), the per-head row
 interleave of llama-family q/k projections (for its rotary layout), the `1 + w` storage of Gemma norms,
-and the stacking of Mixtral experts into one 3-D tensor per projection.
+the stacking of Mixtral / Qwen2-MoE experts into one 3-D tensor per projection, and Llama 3's rope scaling
+written as per-frequency divisors (`rope_freqs.weight`) instead of parameters. A split file
+(`name-00001-of-0000N.gguf`, gguf-split's layout) is read as one: metadata from part 1, tensors from all.
 """
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +24,16 @@ from converters.gguf.names import FAMILIES, Family, to_hf
 from converters.hf.config import config_from_hf
 from jaxmoe.nn.config import ConfigError, ModelConfig
 
-# Types we dequantize (through gguf.quants); the rest (IQ*, TQ*, MXFP4, integer tensors ...) are refused.
-SUPPORTED_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0,
-                   QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K)
-SUPPORTED_ARCHITECTURES = ("gemma", "gemma2", "llama", "mistral")
+# Every type gguf-py dequantizes: F32, F16 and each type with a block class in gguf.quants (BF16, Q*, Q*_K,
+# IQ*, TQ*, MXFP4 ...); integer tensors are refused.
+SUPPORTED_TYPES = tuple(dict.fromkeys(
+    (QT.F32, QT.F16, *(q for q in QT if isinstance(getattr(gguf.quants, q.name, None), type)))))
+SUPPORTED_ARCHITECTURES = ("gemma", "gemma2", "llama", "mistral", "qwen2", "qwen2moe")
+_MODEL_TYPES = {"gemma": "gemma", "gemma2": "gemma2", "qwen2": "qwen2", "qwen2moe": "qwen2_moe"}
+_SPLIT_NAME = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+# convert_hf_to_gguf computes Llama 3's rope factors with this original context (its default; the factors
+# only depend on the ratios original/low and original/high, so any value reproduces them).
+_LLAMA3_ORIGINAL_CONTEXT = 8192
 
 # llama.cpp's own defaults for Gemma 2 keys a file may leave out.
 _GEMMA2_DEFAULTS = {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "sliding_window": 4096}
@@ -38,6 +47,40 @@ def unpermute_rope_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
     """
     half = w.shape[0] // num_heads // 2
     return w.reshape(num_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama3_rope(factors: np.ndarray, theta: float, head_dim: int, original: int) -> dict[str, Any]:
+    """transformers' llama3 `rope_scaling` that reproduces llama.cpp's per-frequency divisors `factors`.
+
+    llama.cpp divides frequency i by factors[i]: 1 above the high-frequency band edge, `factor` below the
+    low one and, between, 1 / ((1 - s) / factor + s) with s linear in 1/wavelength; the band edges are fitted
+    from that line. Raises ValueError when no llama3 scaling reproduces `factors` to 1e-4.
+    """
+    f = np.asarray(factors, np.float64).reshape(-1)
+    if f.size != head_dim // 2:
+        raise ValueError(f"has {f.size} values, not head_dim/2 = {head_dim // 2}")
+    if not np.isfinite(f).all() or f.max() <= 1.0:
+        raise ValueError("holds no llama3-style rope scaling (no value above 1)")
+    factor = float(f.max())
+    wavelen = 2 * np.pi * theta ** (np.arange(0, head_dim, 2) / head_dim)
+    ones, full = np.isclose(f, 1.0, rtol=1e-6), np.isclose(f, factor, rtol=1e-6)
+    band = ~ones & ~full
+    if band.sum() >= 2:  # s = a / wavelen - b: s = 0 at the low-frequency edge, 1 at the high one
+        a, minus_b = np.polyfit(1 / wavelen[band], (1 / f[band] - 1 / factor) / (1 - 1 / factor), 1)
+        low_wl, high_wl = a / -minus_b, a / (1 - minus_b)
+    else:  # no band to fit: put its edges on the last unscaled and the first fully scaled frequency
+        high_wl = wavelen[ones].max() if ones.any() else wavelen[0] / 2
+        low_wl = wavelen[full].min() if full.any() else wavelen[-1] * 2
+    g = lambda x: float(f"{x:.6g}")  # noqa: E731  (1.0, not 0.9999997: the factors are float32)
+    out = {"rope_type": "llama3", "factor": g(factor), "low_freq_factor": g(original / low_wl),
+           "high_freq_factor": g(original / high_wl), "original_max_position_embeddings": original}
+    low, high = out["low_freq_factor"], out["high_freq_factor"]
+    smooth = (original / wavelen - low) / (high - low) if high != low else np.zeros_like(wavelen)
+    again = np.where(wavelen < original / high, 1.0,
+                     np.where(wavelen > original / low, factor, 1 / ((1 - smooth) / factor + smooth)))
+    if not np.allclose(again, f, rtol=1e-4, atol=0):
+        raise ValueError("holds no llama3-style rope scaling (no factor / low / high reproduces its values)")
+    return out
 
 
 def _f32(x: Any) -> float:
@@ -66,19 +109,47 @@ class GGUFCheckpoint:
         self.path = Path(path)
         if not self.path.is_file():
             raise CheckpointError(f"{self.path}: no such GGUF file")
-        try:
-            self._reader = gguf.GGUFReader(self.path, "r")
-        except (ValueError, OSError, IndexError, KeyError) as e:
-            raise CheckpointError(f"{self.path}: not a readable GGUF file ({e})") from None
+        self._readers = self._open_parts()
+        self._reader = self._readers[0]  # the metadata is in part 1
+        self._tensors = [t for r in self._readers for t in r.tensors]
         self.architecture = str(self.metadata("general.architecture", ""))
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise CheckpointError(
                 f"{self.path}: general.architecture '{self.architecture}' is not supported "
                 f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-        self._tensor_names = {t.name for t in self._reader.tensors}
+        self._tensor_names = {t.name for t in self._tensors}
         self._config = self._build_config()
         self.family: Family = FAMILIES[self._config["model_type"]]
         self._entries = self._map_tensors()
+
+    def _open(self, path: Path) -> Any:
+        try:
+            return gguf.GGUFReader(path, "r")
+        except (ValueError, OSError, IndexError, KeyError) as e:
+            raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
+
+    def _open_parts(self) -> list[Any]:
+        """The readers of every part of a split file in part order (one reader for an unsplit file)."""
+        given = self._open(self.path)
+        count_field = given.fields.get("split.count")
+        count = 1 if count_field is None else int(count_field.contents())
+        if count <= 1:
+            return [given]
+        m = _SPLIT_NAME.match(self.path.name)
+        if m is None or int(m["count"]) != count:
+            raise CheckpointError(f"{self.path}: part of a {count}-part split GGUF, but not named "
+                                  f"'<name>-0000i-of-{count:05d}.gguf', so its other parts cannot be found")
+        readers = []
+        for i in range(1, count + 1):
+            part = self.path.with_name(f"{m['stem']}-{i:05d}-of-{count:05d}.gguf")
+            if not part.is_file():
+                raise CheckpointError(f"{part}: part {i} of the {count}-part split GGUF {self.path.name} is missing")
+            readers.append(given if part == self.path else self._open(part))
+        total = readers[0].fields.get("split.tensors.count")
+        if total is not None and int(total.contents()) != sum(len(r.tensors) for r in readers):
+            raise CheckpointError(f"{self.path}: the {count} parts hold {sum(len(r.tensors) for r in readers)} "
+                                  f"tensors, split.tensors.count says {int(total.contents())}")
+        return readers
 
     # ---- metadata and config -------------------------------------------------------------------------
 
@@ -97,8 +168,8 @@ class GGUFCheckpoint:
         return value
 
     def _model_type(self) -> str:
-        if self.architecture in ("gemma", "gemma2"):
-            return self.architecture
+        if self.architecture in _MODEL_TYPES:
+            return _MODEL_TYPES[self.architecture]
         if int(self._arch("expert_count", 0) or 0) > 0:
             return "mixtral"
         # llama.cpp writes Mistral models as `llama`; transformers tells them apart by name.
@@ -112,7 +183,7 @@ class GGUFCheckpoint:
             return int(n)
         if (tokens := self._reader.fields.get("tokenizer.ggml.tokens")) is not None:
             return len(tokens.data)
-        for t in self._reader.tensors:
+        for t in self._tensors:
             if t.name == "token_embd.weight":
                 return int(t.shape[-1])
         raise CheckpointError(f"{self.path}: cannot tell the vocabulary size (no vocab_size, tokens or token_embd)")
@@ -150,7 +221,7 @@ class GGUFCheckpoint:
             "pad_token_id": None if token("padding_token_id") is None else int(token("padding_token_id")),
         }
         config["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
-        if (scaling := self._rope_scaling()) is not None:
+        if (scaling := self._rope_scaling(theta, head_dim)) is not None:
             config["rope_scaling"] = scaling
             config["rope_parameters"] = {**scaling, "rope_theta": theta}
         if family.rope_permuted:
@@ -161,6 +232,8 @@ class GGUFCheckpoint:
         if model_type == "mixtral":
             config["num_local_experts"] = int(self._arch("expert_count"))
             config["num_experts_per_tok"] = int(self._required("expert_used_count"))
+        if model_type == "qwen2_moe":
+            config.update(self._qwen2_moe(layers))
         if model_type in ("gemma", "gemma2"):
             config["hidden_activation"] = family.hidden_act
         if model_type == "gemma2":
@@ -178,7 +251,26 @@ class GGUFCheckpoint:
             return _f32(1.0 / float(scale) ** 2)
         return float(hidden // heads if layers == _GEMMA2_27B_LAYERS else head_dim)
 
-    def _rope_scaling(self) -> dict[str, Any] | None:
+    def _qwen2_moe(self, layers: int) -> dict[str, Any]:
+        # llama.cpp reads no sparse-layer pattern (every layer sparse) nor top-k renormalisation (never done,
+        # unless a file says expert_weights_norm); layers without a router are dense here, as in HF.
+        dense = [i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in self._tensor_names]
+        return {"num_experts": int(self._required("expert_count")),
+                "num_experts_per_tok": int(self._required("expert_used_count")),
+                "moe_intermediate_size": int(self._required("expert_feed_forward_length")),
+                "shared_expert_intermediate_size": int(self._arch("expert_shared_feed_forward_length", 0)),
+                "norm_topk_prob": bool(self._arch("expert_weights_norm", False)),
+                "decoder_sparse_step": 1, "mlp_only_layers": dense}
+
+    def _rope_scaling(self, theta: float, head_dim: int) -> dict[str, Any] | None:
+        if "rope_freqs.weight" in self._tensor_names:  # Llama 3.x: the scaling is in the tensor, not metadata
+            t = next(t for t in self._tensors if t.name == "rope_freqs.weight")
+            factors = gguf.quants.dequantize(t.data, QT(int(t.tensor_type)))
+            original = int(self._arch("rope.scaling.original_context_length") or _LLAMA3_ORIGINAL_CONTEXT)
+            try:
+                return llama3_rope(factors, theta, head_dim, original)
+            except ValueError as e:
+                raise CheckpointError(f"{self.path}: tensor 'rope_freqs.weight' {e}") from None
         kind = self._arch("rope.scaling.type")
         factor = self._arch("rope.scaling.factor")
         if kind is None and (linear := self._arch("rope.scale_linear")) is not None:
@@ -200,7 +292,9 @@ class GGUFCheckpoint:
     def _map_tensors(self) -> dict[str, _Entry]:
         heads = {"attn_q": self._config["num_attention_heads"], "attn_k": self._config["num_key_value_heads"]}
         entries: dict[str, _Entry] = {}
-        for t in self._reader.tensors:
+        for t in self._tensors:
+            if t.name == "rope_freqs.weight":  # read into the config's rope scaling
+                continue
             ggml_type = QT(int(t.tensor_type))
             if ggml_type not in SUPPORTED_TYPES:
                 raise CheckpointError(
@@ -209,9 +303,8 @@ class GGUFCheckpoint:
             shape = tuple(int(n) for n in reversed(list(t.shape)))  # ggml lists the fastest axis first
             names = to_hf(t.name, self.family, shape[0] if len(shape) == 3 else 0)
             if not names:
-                hint = " (llama3-style rope scaling is not supported)" if t.name.startswith("rope_freqs") else ""
                 raise CheckpointError(f"{self.path}: tensor '{t.name}' has no Hugging Face equivalent in a "
-                                      f"{self.family.model_type} model{hint}")
+                                      f"{self.family.model_type} model")
             for mapped in names:
                 n_heads = heads.get(mapped.gguf_leaf, 0) if self.family.rope_permuted else 0
                 if n_heads and shape[0] % (2 * n_heads):
@@ -219,10 +312,12 @@ class GGUFCheckpoint:
                                           f"not a multiple of 2 x {n_heads} heads")
                 offset = self.family.norm_offset if mapped.gguf_leaf.endswith("norm") else 0.0
                 hf_shape = shape[1:] if mapped.expert is not None else shape
+                if mapped.gguf_leaf == "ffn_gate_inp_shexp" and len(hf_shape) == 1:  # llama.cpp: [hidden]
+                    hf_shape = (1, *hf_shape)
                 if mapped.hf in entries:
                     raise CheckpointError(f"{self.path}: tensor '{t.name}' maps to '{mapped.hf}' a second time")
                 entries[mapped.hf] = _Entry(t, ggml_type, mapped.expert, hf_shape, n_heads, offset)
-        experts = self._config.get("num_local_experts")
+        experts = self._config.get("num_local_experts", self._config.get("num_experts"))
         for e in entries.values():
             if e.expert is not None and int(e.tensor.shape[-1]) != experts:
                 raise CheckpointError(f"{self.path}: tensor '{e.tensor.name}' stacks {int(e.tensor.shape[-1])} "

@@ -1,5 +1,6 @@
 """`jaxmoe convert IN OUT`: an HF directory, a .gguf file or a jaxmoe orbax checkpoint -> an HF directory (streamed
-through the loader's parameter source, one tensor at a time, atomic), or -> an orbax checkpoint (`--to orbax`)."""
+through the loader's parameter source, one tensor at a time, atomic), -> an orbax checkpoint (`--to orbax`), or -> a
+llama.cpp GGUF file (`--to gguf`, converters.gguf.writer: streamed, atomic, `--quant` through gguf-py)."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +8,7 @@ import json
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -30,7 +32,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", metavar="IN", help="HF model directory, .gguf file or jaxmoe orbax checkpoint (a "
                                                "`jaxmoe train` output_dir, its checkpoints/ or one step's folder)")
     p.add_argument("output", metavar="OUT", help="output directory (must not exist unless --overwrite)")
-    p.add_argument("--to", choices=("hf", "orbax"), default="hf", help="output format (default hf)")
+    p.add_argument("--to", choices=("hf", "orbax", "gguf"), default="hf",
+                   help="output format (default hf; gguf: a llama.cpp file, OUT ending in .gguf)")
+    p.add_argument("--quant", default="f32", help="--to gguf: f32 (default), f16, bf16, q8_0, q5_1, q5_0, q4_1 or "
+                                                  "q4_0 (norms, biases and routers stay f32)")
+    p.add_argument("--untie-head", action="store_true",
+                   help="--to gguf: write output.weight even for a tied head (on for qwen2_moe: llama.cpp needs it)")
     p.add_argument("--layout", choices=("legacy", "fused"), default="legacy",
                    help="MoE tensor names: legacy per-expert (default, transformers v4 and v5) or fused "
                         "(transformers v5 gate_up_proj; 4.x cannot read them)")
@@ -102,8 +109,16 @@ def run(args: argparse.Namespace) -> int:
             raise OutputError.from_os(out, e) from e
         print(f"wrote {out} (orbax checkpoint of {src}, {model.config.dtype})")
         return 0
+    if args.to == "gguf":  # cheap refusals before the source is opened
+        from converters.gguf.quant import check_quant
+
+        if out.suffix != ".gguf":
+            raise CliError(f"{out}: a GGUF output's name must end in .gguf")
+        check_quant(args.quant)
     config, source, default_dtype = open_source(src)
     source.check(config_targets(config))  # every tensor there with its shape before OUT is started
+    if args.to == "gguf":
+        return _to_gguf(args, src, out, config, source)
     dtype = args.dtype or default_dtype
     tokenizer = _tokenizer(src, source)
     generation = None
@@ -114,4 +129,16 @@ def run(args: argparse.Namespace) -> int:
              tokenizer_src=tokenizer, overwrite=args.overwrite, generation_config=generation,
              max_shard_bytes=max_shard, progress=not args.no_progress)
     print(f"wrote {out} ({config.model_type}, {dtype}, layout {args.layout})")
+    return 0
+
+
+def _to_gguf(args: argparse.Namespace, src: Path, out: Path, config: Any, source: Any) -> int:
+    """`--to gguf`: a llama.cpp GGUF file at OUT (converters.gguf.writer), streamed and atomic."""
+    from converters.gguf.writer import check_exportable, write_gguf
+
+    check_exportable(config)
+    tokenizer = src if src.suffix == ".gguf" else _tokenizer(src, source)
+    write_gguf(out, config, lambda name: source.read(name)[0], quant=args.quant, tokenizer=tokenizer,
+               untie_head=args.untie_head, overwrite=args.overwrite)
+    print(f"wrote {out} ({config.model_type}, {args.quant})")
     return 0
