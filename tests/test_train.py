@@ -401,7 +401,7 @@ def test_bad_input_gives_one_line_errors(tiny_hf, small_moe, router_run, tmp_pat
 @pytest.mark.parametrize("change,message", [
     ({"optimizer": {"lr": -1}}, "optimizer.lr: must be positive"),
     ({"optimizer": {"learning_rate": 1}}, "optimizer.learning_rate: unknown field"),
-    ({"trainable": "attention"}, "trainable: 'attention' is not one of router, experts, router+experts, all"),
+    ({"trainable": "attention"}, "trainable: 'attention' is not one of router, experts, router+experts, mlp, all"),
     ({"data": {"train": "x.jsonl", "batch_size": 6, "grad_accum": 4}}, "data.grad_accum: 4 does not divide"),
     ({"data": {"train": []}}, "data.train: expected a file path or a list of file paths"),
     ({"data": {"train": "x.jsonl", "seq_len": "long"}}, "data.seq_len: expected an integer"),
@@ -419,3 +419,23 @@ def test_config_validation_names_the_field(change, message):
         parse_config(d, "cfg.yml")
     assert str(e.value).startswith("cfg.yml: ") and message in str(e.value), str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_trainable_mlp_selects_exactly_the_mlps():
+    """`trainable: mlp` trains what a frankenMoE takes from each source: every MLP weight (dense MLPs and routed
+    experts), never the router, attention, norms or embeddings."""
+    from jaxmoe.train.step import trainable_filter
+
+    for moe in (False, True):
+        cfg = ModelConfig(model_type="mixtral" if moe else "llama", vocab_size=64, hidden_size=32,
+                          intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                          num_experts=4 if moe else 0)
+        pick = trainable_filter(cfg, "mlp")
+        paths = [tuple(str(p) for p in path) for path, _ in nnx.to_flat_state(nnx.state(Transformer(cfg, nnx.Rngs(0)), nnx.Param))]
+        chosen = sorted(".".join(p) for p in paths if pick(tuple(int(x) if x.isdigit() else x for x in p), None))
+        names = {c.split(".", 3)[-1] for c in chosen}
+        assert names == {"gate_proj", "up_proj", "down_proj"}, names  # the MoE block holds the stacked experts
+        assert all(c.startswith("stacks.") and ".mlp." in c and "router" not in c for c in chosen)
+        rest = [p for p in paths if ".".join(p) not in chosen]
+        assert any("attn" in ".".join(p) for p in rest) and any("embed" in ".".join(p) for p in rest)
+        assert moe == any("router" in ".".join(p) for p in rest)

@@ -9,7 +9,7 @@ import yaml
 
 from jaxmoe.nn.config import DTYPES
 
-TRAINABLE = ("router", "experts", "router+experts", "all")
+TRAINABLE = ("router", "experts", "router+experts", "mlp", "all")
 
 
 class TrainConfigError(ValueError):

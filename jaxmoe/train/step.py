@@ -23,7 +23,9 @@ from jaxmoe.train.data import fit_batches
 # --- what trains, and the optimizer -------------------------------------------------------------
 def trainable_filter(config: ModelConfig, which: str) -> Callable[[tuple, Any], bool]:
     """nnx filter (path, value) -> bool for `which` in TRAINABLE: `router` (the router matrices),
-    `experts` (everything else in MoE blocks: routed and shared experts, shared-expert gate)."""
+    `experts` (everything else in MoE blocks: routed and shared experts, shared-expert gate), `mlp` (every MLP
+    parameter but the routers: the dense MLPs and the experts; what a frankenMoE takes from each source model, so
+    dense models fine-tuned this way compose exactly under the base model's attention)."""
     if which not in TRAINABLE:
         raise TrainConfigError(f"trainable: '{which}' is not one of {', '.join(TRAINABLE)}")
 
@@ -35,8 +37,9 @@ def trainable_filter(config: ModelConfig, which: str) -> Callable[[tuple, Any], 
     def pick(path: tuple, _value: Any) -> bool:
         is_router = in_moe(path) and path[3] == "router"
         is_expert = in_moe(path) and not is_router
+        is_mlp = len(path) > 3 and path[0] == "stacks" and path[2] == "mlp" and not is_router
         return {"router": is_router, "experts": is_expert, "router+experts": is_router or is_expert,
-                "all": True}[which]
+                "mlp": is_mlp, "all": True}[which]
 
     return pick
 
