@@ -21,11 +21,12 @@ COMMANDS = {
     "train": ("jaxmoe.cli.train", "fine-tune the router (and experts) from a training config"),
     "eval": ("jaxmoe.cli.eval", "held-out loss and perplexity of a model on text files"),
     "parity": ("jaxmoe.cli.parity", "compare a model's logits with transformers on the same input"),
+    "serve": ("jaxmoe.cli.serve", "serve a model over the OpenAI API with continuous batching"),
     "plan": ("jaxmoe.cli.plan", "bytes per device of a model on a mesh: parameters, optimizer, KV cache, activations"),
 }
 # Commands that jit-compile a model: they run with the persistent XLA compilation cache on (jaxmoe.cache),
 # so a second run of the same model loads its executables instead of compiling them again.
-COMPILING = frozenset({"demo", "build", "generate", "inspect", "train", "eval", "parity"})
+COMPILING = frozenset({"demo", "build", "generate", "inspect", "train", "eval", "parity", "serve"})
 
 
 

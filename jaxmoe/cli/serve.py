@@ -1,0 +1,71 @@
+"""`jaxmoe serve MODEL`: an OpenAI-compatible HTTP server (`jaxmoe.serve`) for an HF directory, a .gguf file or a
+jaxmoe orbax checkpoint. Every program is compiled before the port opens; "ready" and the sizes go to stderr.
+On a multi-host job (`jaxmoe --coordinator ... serve MODEL --mesh ...`) process 0 serves HTTP."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `jaxmoe serve`."""
+    p.add_argument("model", help="HF model directory, .gguf file or jaxmoe orbax checkpoint")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--max-batch", type=int, default=8, help="decode slots: requests generated at once (default 8)")
+    p.add_argument("--max-seq-len", type=int, default=1024,
+                   help="longest prompt + completion in tokens (default 1024, at most the model's limit)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests that may wait for a slot; more get HTTP 429 (default 256)")
+    p.add_argument("--mesh", default=None, help="device mesh spec, e.g. expert=4,data=2")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: MODEL's name)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="parameter dtype (default float32 on CPU, bfloat16 on accelerators)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model and tokenizer, then serve until SIGTERM."""
+    from jaxmoe.cli.errors import CliError
+
+    path = Path(args.model)
+    if not path.exists():
+        raise CliError(f"{path}: no such file or directory (expected an HF model directory, a .gguf file or a "
+                       "jaxmoe orbax checkpoint)")
+    if not 0 < args.port < 65536:
+        raise CliError(f"--port must be in 1..65535, got {args.port}")
+    for name, least in (("max_batch", 2), ("max_queue", 1)):
+        if getattr(args, name) < least:
+            raise CliError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
+    import jax
+
+    import converters
+    from converters.tokenizer import load_tokenizer
+    from jaxmoe.parallel.mesh import make_mesh, use_mesh
+    from jaxmoe.serve.server import serve
+
+    dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    mesh = make_mesh(args.mesh) if args.mesh else None
+    try:
+        model = converters.load(path, dtype=dtype, mesh=mesh)
+    except NotImplementedError as e:
+        raise CliError(f"--mesh: {e}") from None
+    limit = model.config.max_position_embeddings
+    if not 2 <= args.max_seq_len <= limit:
+        raise CliError(f"--max-seq-len must be in 2..{limit} (the model's max_position_embeddings), "
+                       f"got {args.max_seq_len}")
+    tokenizer = load_tokenizer(path)
+    eos = set(model.config.eos_token_id)
+    if tokenizer.eos_token_id is not None:
+        eos.add(int(tokenizer.eos_token_id))
+    name = args.served_model_name or path.name.removesuffix(".gguf")
+
+    def ready(info: dict) -> None:
+        print(f"jaxmoe serve: ready on http://{info['host']}:{info['port']} ({info['model']}; "
+              f"{info['max_batch']} slots, max_seq_len {info['max_seq_len']}, prompt buckets "
+              f"{info['prompt_buckets']})", file=sys.stderr, flush=True)
+
+    with use_mesh(mesh):
+        return serve(model, tokenizer, name, sorted(eos), args.host, args.port, args.max_batch, args.max_seq_len,
+                     args.api_key, args.max_queue, ready)

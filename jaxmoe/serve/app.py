@@ -1,0 +1,251 @@
+"""The OpenAI-compatible HTTP API (Starlette): POST /v1/completions and /v1/chat/completions (server-sent events
+when `stream` is true), GET /v1/models, /health and /metrics. Errors are OpenAI-style JSON
+`{"error": {"message", "type", "param", "code"}}`: 400 bad input, 401 missing or wrong key, 404 unknown model,
+429 queue full, 503 shutting down. A client that disconnects cancels its request.
+
+Extensions to the OpenAI request: `top_k`, and `return_token_ids` (each choice then carries `token_ids`)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from jaxmoe.serve.engine import Draining, Engine, Event, QueueFull, Request, Sampling
+
+
+class ApiError(Exception):
+    """An error the API answers with `status` and an OpenAI-style body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.param, self.kind = status, param, kind
+
+
+def _error(e: ApiError) -> JSONResponse:
+    code = {401: "invalid_api_key", 404: "model_not_found", 429: "rate_limit_exceeded"}.get(e.status)
+    return JSONResponse({"error": {"message": str(e), "type": e.kind, "param": e.param, "code": code}},
+                        status_code=e.status)
+
+
+def _number(body: dict, name: str, default, kind=float, lo=None, hi=None, lo_open=False):
+    """body[name] (or `default` when absent or null) checked to be a finite `kind` in [lo, hi] ((lo, hi] if
+    lo_open); ApiError 400 naming the parameter otherwise."""
+    value = body.get(name, default)
+    if value is None:
+        return default
+    wrong_type = isinstance(value, bool) or not isinstance(value, (int, float))
+    if wrong_type or isinstance(value, float) and (not math.isfinite(value) or kind is int and not value.is_integer()):
+        raise ApiError(400, f"'{name}' must be {'an integer' if kind is int else 'a number'}, got {value!r}", name)
+    value = kind(value)
+    if lo is not None and (value <= lo if lo_open else value < lo) or hi is not None and value > hi:
+        raise ApiError(400, f"'{name}' must be in {'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}], "
+                            f"got {value}", name)
+    return value
+
+
+class Api:
+    """The routes over one engine serving one model named `model_name`."""
+
+    def __init__(self, engine: Engine, tokenizer: Any, model_name: str, max_seq_len: int,
+                 api_key: str | None = None):
+        self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+        self.max_seq_len, self.api_key = max_seq_len, api_key
+        self.created = int(time.time())
+
+    # ---- parsing -----------------------------------------------------------------------------------
+
+    async def _body(self, http: HttpRequest) -> dict:
+        if self.api_key is not None and http.headers.get("authorization", "") != f"Bearer {self.api_key}":
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                           kind="authentication_error")
+        try:
+            body = json.loads(await http.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        if body.get("model") not in (None, self.model_name):
+            raise ApiError(404, f"the model '{body['model']}' does not exist; this server serves "
+                                f"'{self.model_name}'", "model")
+        if body.get("n", 1) != 1:
+            raise ApiError(400, "only n=1 is supported", "n")
+        return body
+
+    def _sampling(self, body: dict, prompt_len: int, default_max: int | None, where: str) -> Sampling:
+        room = self.max_seq_len - prompt_len
+        if room < 1:
+            raise ApiError(400, f"the prompt has {prompt_len} tokens; this server's limit is {self.max_seq_len} "
+                                "tokens of prompt and completion together (--max-seq-len)", where)
+        max_tokens = _number(body, "max_completion_tokens", None, int, 1) or _number(body, "max_tokens", None, int, 1)
+        max_tokens = max_tokens or (room if default_max is None else min(default_max, room))
+        if max_tokens > room:
+            raise ApiError(400, f"the prompt ({prompt_len} tokens) plus max_tokens {max_tokens} exceeds this "
+                                f"server's limit of {self.max_seq_len} tokens (--max-seq-len)", "max_tokens")
+        stop = body.get("stop") or ()
+        stop = (stop,) if isinstance(stop, str) else stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
+            raise ApiError(400, "'stop' must be a non-empty string or a list of up to 4 of them", "stop")
+        return Sampling(max_tokens, _number(body, "temperature", 1.0, float, 0.0, 2.0),
+                        _number(body, "top_p", 1.0, float, 0.0, 1.0, lo_open=True),
+                        _number(body, "top_k", 0, int, 0, 2**31 - 1), _number(body, "seed", 0, int, 0, 2**32 - 1),
+                        tuple(stop))
+
+    def _encode(self, text: str, special: bool) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    def _prompt(self, body: dict) -> list[int]:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a batch of one
+        if isinstance(prompt, str):
+            ids = self._encode(prompt, True)
+        elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            vocab = self.engine.device.config.vocab_size
+            if any(not 0 <= t < vocab for t in prompt):
+                raise ApiError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
+            ids = list(prompt)
+        else:
+            raise ApiError(400, "'prompt' must be a string or a list of token ids (one prompt per request)", "prompt")
+        if not ids:
+            raise ApiError(400, "the prompt is empty", "prompt")
+        return ids
+
+    def _chat_prompt(self, body: dict) -> list[int]:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects with string content",
+                           "messages")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ApiError(400, f"the model '{self.model_name}' has no chat template; use /v1/completions")
+        text = self.tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages],
+                                                  add_generation_prompt=True, tokenize=False)
+        return self._encode(text, False)
+
+    # ---- routes ------------------------------------------------------------------------------------
+
+    async def completions(self, http: HttpRequest) -> Response:
+        """POST /v1/completions."""
+        return await self._generate(http, chat=False)
+
+    async def chat(self, http: HttpRequest) -> Response:
+        """POST /v1/chat/completions."""
+        return await self._generate(http, chat=True)
+
+    async def _generate(self, http: HttpRequest, chat: bool) -> Response:
+        try:
+            body = await self._body(http)
+            ids = self._chat_prompt(body) if chat else self._prompt(body)
+            sampling = self._sampling(body, len(ids), None if chat else 16, "messages" if chat else "prompt")
+            stream = bool(body.get("stream", False))
+            loop, events = asyncio.get_running_loop(), asyncio.Queue()
+            req = Request(ids, sampling, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+            try:
+                self.engine.submit(req)
+            except QueueFull as e:
+                raise ApiError(429, str(e), kind="rate_limit_error") from None
+            except Draining as e:
+                raise ApiError(503, str(e), kind="server_error") from None
+        except ApiError as e:
+            self.engine.metrics.observe_error(e.status)
+            return _error(e)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": self.model_name}
+        usage = lambda n: {"prompt_tokens": len(ids), "completion_tokens": n,  # noqa: E731
+                           "total_tokens": len(ids) + n}
+        want_ids = bool(body.get("return_token_ids", False))
+        if stream:
+            return StreamingResponse(self._sse(req, events, head, chat, want_ids, usage),
+                                     media_type="text/event-stream")
+        text, tokens, reason = [], [], None
+        watch = asyncio.ensure_future(self._watch_disconnect(http, req))
+        try:
+            while reason is None:
+                ev: Event = await events.get()
+                text.append(ev.text)
+                tokens += ev.token_ids
+                reason = ev.finish_reason
+        finally:
+            watch.cancel()
+            req.cancel()  # a no-op once finished; frees the slot when this handler was cancelled
+        if reason == "error":
+            return _error(ApiError(500, "the engine failed while generating", kind="server_error"))
+        choice = {"index": 0, "finish_reason": reason, "logprobs": None}
+        choice.update({"message": {"role": "assistant", "content": "".join(text)}} if chat else {"text": "".join(text)})
+        if want_ids:
+            choice["token_ids"] = tokens
+        return JSONResponse({**head, "choices": [choice], "usage": usage(len(tokens))})
+
+    async def _watch_disconnect(self, http: HttpRequest, req: Request) -> None:
+        while not req.cancelled.is_set():
+            if await http.is_disconnected():
+                req.cancel()
+                return
+            await asyncio.sleep(0.1)
+
+    async def _sse(self, req: Request, events: asyncio.Queue, head: dict, chat: bool, want_ids: bool, usage
+                   ) -> AsyncIterator[str]:
+        head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+        n = 0
+        try:
+            if chat:
+                yield _chunk(head, {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+            while True:
+                ev: Event = await events.get()
+                n += len(ev.token_ids)
+                if ev.text or ev.finish_reason or want_ids:
+                    choice = {"index": 0, "finish_reason": ev.finish_reason, "logprobs": None}
+                    choice.update({"delta": {"content": ev.text}} if chat else {"text": ev.text})
+                    if want_ids:
+                        choice["token_ids"] = ev.token_ids
+                    extra = {"usage": usage(n)} if ev.finish_reason else {}
+                    yield _chunk({**head, **extra}, choice)
+                if ev.finish_reason:
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            req.cancel()  # the client went away (the generator is closed) or we are done
+
+    async def models(self, http: HttpRequest) -> Response:
+        """GET /v1/models."""
+        if self.api_key is not None and http.headers.get("authorization", "") != f"Bearer {self.api_key}":
+            return _error(ApiError(401, "missing or wrong API key", kind="authentication_error"))
+        return JSONResponse({"object": "list", "data": [{"id": self.model_name, "object": "model",
+                                                         "created": self.created, "owned_by": "jaxmoe"}]})
+
+    async def health(self, http: HttpRequest) -> Response:
+        """GET /health: 200 while serving, 503 while draining or after an engine failure."""
+        if self.engine.error is not None:
+            return JSONResponse({"status": "error", "error": str(self.engine.error)}, status_code=503)
+        if self.engine.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    async def metrics(self, http: HttpRequest) -> Response:
+        """GET /metrics (Prometheus text)."""
+        return PlainTextResponse(self.engine.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+def _chunk(head: dict, choice: dict) -> str:
+    return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+
+
+def create_app(api: Api) -> Starlette:
+    """The Starlette application of `api`."""
+    return Starlette(routes=[
+        Route("/v1/completions", api.completions, methods=["POST"]),
+        Route("/v1/chat/completions", api.chat, methods=["POST"]),
+        Route("/v1/models", api.models, methods=["GET"]),
+        Route("/health", api.health, methods=["GET"]),
+        Route("/metrics", api.metrics, methods=["GET"]),
+    ])

@@ -1,0 +1,234 @@
+"""The device side of continuous batching: a fixed number of decode slots over one shared KV cache.
+
+The model's cache has one write index for every row (`KVCache.index`), while requests start and end at
+different times. A request joining at index i is prefilled on its own (batch 1, prompt left-padded to a
+power-of-two bucket, so every prompt length reuses a few executables) and its keys and values are copied into its
+row right-aligned to i: slot i - n + j holds prefill slot j. Attention sees a key iff its `valid` bit is set and
+its slot is not after the query's, and rotary positions travel per row, so where a row's tokens lie in the cache
+changes nothing. The index never drops below max_seq_len, so only pad slots can fall before slot 0; they wrap to
+the end of the row, invalid. When the index reaches
+the end of the cache every row is shifted left by `margin` slots (`compact`): a row holds at most
+`max_seq_len - 1` real tokens, so nothing real is lost, and the next `margin` steps have room.
+
+Decode steps are `jaxmoe.generate`'s (layer by layer on one CPU device, scanned on a mesh) with in-step greedy
+selection; rows that sample draw afterwards in `sample_rows` with their own temperature, top-k, top-p and seed.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxmoe.generate import _decode, _executable, _prefill, unrolled_decoder
+from jaxmoe.layerwise import SCRATCH_REUSE_LIMIT, LayerwisePrefill, LayerwiseStep, per_layer_cache
+from jaxmoe.nn.model import KVCache
+from jaxmoe.parallel.mesh import use_mesh
+from jaxmoe.parallel.placement import placed_mesh, replicate, shard_cache
+from jaxmoe.sampling import sampling_config, top_p_filter
+
+MIN_BUCKET = 16
+
+
+def prompt_buckets(max_seq_len: int) -> list[int]:
+    """Padded prompt lengths: powers of two from MIN_BUCKET, then max_seq_len itself."""
+    out, b = [], MIN_BUCKET
+    while b < max_seq_len:
+        out.append(b)
+        b *= 2
+    return out + [max_seq_len]
+
+
+class SlotParams(NamedTuple):
+    """Per-row sampling settings as the sampler reads them ([B] arrays; temperature 0 = greedy, top_k 0 = off)."""
+
+    temperature: np.ndarray
+    top_p: np.ndarray
+    top_k: np.ndarray
+    seed: np.ndarray
+    count: np.ndarray  # tokens drawn so far by the request in the row: the PRNG stream position
+
+
+def sample_rows(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, top_k: jax.Array, seed: jax.Array,
+                count: jax.Array) -> jax.Array:
+    """One token per row of float32 logits [B, V], each row with its own settings: argmax where temperature is
+    0, else a draw with key fold_in(key(seed), count) after temperature, top-k, then top-p (the order of
+    `jaxmoe.sampling`). A request's draws depend only on its own seed and logits, not on its batch mates."""
+    x = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    ranked = -jnp.sort(-x, axis=-1)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, x.shape[-1]), x.shape[-1])
+    kth = jnp.take_along_axis(ranked, (k - 1)[:, None], axis=-1)
+    x = jnp.where(x < kth, -jnp.inf, x)
+    x = top_p_filter(x, top_p[:, None])
+    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seed, count)
+    drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, x)
+    return jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+
+
+def _row_put(dst: jax.Array, src: jax.Array, row: jax.Array, shift: jax.Array, keys: bool, length: int,
+             kv_heads: int) -> jax.Array:
+    """Write one request's stored cache array `src` (batch 1, n slots) into row `row` of `dst` (batch B,
+    `length` slots), its slot j landing at (shift + j) mod length."""
+    axis = -1 if keys else -2
+    pad = [(0, 0)] * src.ndim
+    pad[axis] = (0, length - src.shape[axis])
+    placed = jnp.roll(jnp.pad(src, pad), shift, axis=axis)
+    lead = src.ndim - 2 - (kv_heads != 1)  # layer axes of a stacked cache; dst's batch axis comes next
+    return jax.lax.dynamic_update_index_in_dim(dst, placed.astype(dst.dtype), row, lead)
+
+
+def _insert(cache: KVCache, part: KVCache, row: jax.Array, *, mesh, config) -> KVCache:
+    """The cache with row `row` replaced by the prefilled `part`, right-aligned to the write index."""
+    length = cache.valid.shape[1]
+    shift = cache.index - part.valid.shape[1]
+    kv = config.num_kv_heads
+    k = tuple(_row_put(d, s, row, shift, True, length, kv) for d, s in zip(cache.k, part.k))
+    v = tuple(_row_put(d, s, row, shift, False, length, kv) for d, s in zip(cache.v, part.v))
+    valid_row = jnp.roll(jnp.pad(part.valid[0], (0, length - part.valid.shape[1])), shift)
+    valid = jax.lax.dynamic_update_index_in_dim(cache.valid, valid_row, row, 0)
+    out = KVCache(k, v, valid, cache.index)
+    return out if mesh is None else shard_cache(out, mesh, config)
+
+
+def _compact(cache: KVCache, *, margin: int, mesh, config) -> KVCache:
+    """Every row shifted `margin` slots left; the slots that wrap around are marked empty."""
+    roll = lambda a, axis: jnp.roll(a, -margin, axis=axis)  # noqa: E731
+    length = cache.valid.shape[1]
+    keep = jnp.arange(length) < length - margin
+    out = KVCache(tuple(roll(a, -1) for a in cache.k), tuple(roll(a, -2) for a in cache.v),
+                  roll(cache.valid, 1) & keep[None, :], cache.index - margin)
+    return out if mesh is None else shard_cache(out, mesh, config)
+
+
+class DecodeSlots:
+    """`max_batch` decode rows over a cache of `max_seq_len + margin` slots. `insert(row, prompt)` puts a
+    prefilled prompt in a row; `step(tokens, positions, params)` runs one decode step for every row and returns
+    the next token of each ([B] int32 on the host). Every executable is compiled in the constructor (`warm`),
+    so serving never compiles. On a multi-host mesh every process calls the same methods in the same order."""
+
+    def __init__(self, model, max_batch: int, max_seq_len: int, margin: int | None = None):
+        if max_batch < 2:
+            raise ValueError(f"max_batch must be >= 2, got {max_batch}")
+        if max_seq_len < 2 or max_seq_len > model.config.max_position_embeddings:
+            raise ValueError(f"max_seq_len must be in [2, {model.config.max_position_embeddings}] (the model's "
+                             f"max_position_embeddings), got {max_seq_len}")
+        self.config = c = model.config
+        self.batch, self.max_seq_len = max_batch, max_seq_len
+        self.margin = margin or max(MIN_BUCKET, max_seq_len // 2)
+        self.length = max_seq_len + self.margin
+        self.mesh = mesh = placed_mesh(model)
+        self.buckets = prompt_buckets(max_seq_len)
+        graphdef, state = nnx.split(model)
+        self.leaves, treedef = jax.tree.flatten(state)
+        self._model_args = (graphdef, treedef, self.leaves)
+        self.decoder = unrolled_decoder(model) if mesh is None and jax.default_backend() == "cpu" else None
+        self.small = (lambda x: replicate(jnp.asarray(x), mesh)) if mesh is not None else jnp.asarray
+        # The write index stays in [max_seq_len, length): a prompt's real tokens always fit before it.
+        self.index = max_seq_len  # the host's copy of cache.index
+        with use_mesh(mesh):
+            cache = self._empty(max_batch, self.length, abstract=False)
+            self.cache = cache._replace(index=self.small(np.int32(self.index)))
+        b = max_batch
+        # Fixed inputs of the decode step: selection there is greedy with no stopping (the host decides).
+        self._scalars = tuple(self.small(x) for x in (np.float32(1.0), np.float32(1.0), np.asarray([-1], np.int32),
+                                                      np.int32(0)))
+        self._done, self._key, self._step = (self.small(np.zeros((b,), bool)), self.small(jax.random.key(0)),
+                                             self.small(np.int32(0)))
+        self.warm()
+
+    # ---- compiling ---------------------------------------------------------------------------------
+
+    def _jit(self, fn, *args, donate: tuple[int, ...] = ()):
+        with use_mesh(self.mesh):
+            return jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+
+    def _empty(self, batch: int, length: int, abstract: bool = True) -> KVCache:
+        """An empty cache (or its shapes and shardings) laid out as the decode step reads it."""
+        make = lambda: KVCache.empty(self.config, batch, length, jnp.dtype(self.config.dtype),  # noqa: E731
+                                     per_layer=self.decoder is not None)
+        cache = jax.eval_shape(make) if abstract else make()
+        return cache if self.mesh is None else shard_cache(cache, self.mesh, self.config)
+
+    def _prefill_inputs(self, bucket: int) -> tuple:
+        z = np.zeros((1, bucket - 1), np.int32)
+        return (self.small(z), self.small(z), self.small(z.astype(bool)))
+
+    def _prefill_program(self, bucket: int):
+        """prefill(ids, positions, mask) -> a batch-1 cache of bucket - 1 slots (as `jaxmoe.generate` runs it)."""
+        args = self._prefill_inputs(bucket)
+        length = bucket - 1
+        if self.decoder is not None:
+            layerwise = LayerwisePrefill(self.decoder, *args, length, _executable)
+            if layerwise.scratch_bytes <= SCRATCH_REUSE_LIMIT:
+                return layerwise
+        exe = _executable("prefill", _prefill, {"length": length, "mesh": self.mesh}, (*self._model_args, *args))[0]
+        scanned = functools.partial(exe, self.leaves)
+        return scanned if self.decoder is None else (lambda *a: per_layer_cache(scanned(*a)))
+
+    def warm(self) -> None:
+        """Compile every program: the decode step, the sampler, compaction, a prefill and an insert per bucket."""
+        c, b, mesh = self.config, self.batch, self.mesh
+        tok = self.small(np.zeros((b,), np.int32))
+        aval = self._empty(b, self.length)
+        if self.decoder is not None:
+            self.decode = LayerwiseStep(self.decoder, aval, tok, tok, self._done, self._key, self._step,
+                                        self._scalars, _executable, sampling_config(0.0, None, None, c.vocab_size),
+                                        True)
+        else:
+            static = {"sampling": sampling_config(0.0, None, None, c.vocab_size), "return_logits": True,
+                      "mesh": mesh}
+            args = (*self._model_args, aval, tok, tok, self._done, self._key, self._step, *self._scalars)
+            self.decode = functools.partial(_executable("decode", _decode, static, args, donate=(3,))[0],
+                                            self.leaves)
+        f32 = self.small(np.zeros((b,), np.float32))
+        self.sampler = self._jit(sample_rows, self.small(np.zeros((b, c.vocab_size), np.float32)), f32, f32, tok,
+                                 self.small(np.zeros((b,), np.uint32)), tok)
+        self.compactor = self._jit(functools.partial(_compact, margin=self.margin, mesh=mesh, config=c), aval,
+                                   donate=(0,))
+        self.prefills, self.inserts = {}, {}
+        for bucket in self.buckets:
+            self.prefills[bucket] = prefill = self._prefill_program(bucket)
+            part = self._empty(1, bucket - 1)
+            self.inserts[bucket] = self._jit(functools.partial(_insert, mesh=mesh, config=c), aval, part,
+                                             self.small(np.int32(0)), donate=(0,))
+
+    # ---- running -----------------------------------------------------------------------------------
+
+    def bucket(self, n: int) -> int:
+        """The padded length of an n-token prompt."""
+        for b in self.buckets:
+            if b >= max(n, 2):
+                return b
+        raise ValueError(f"a prompt of {n} tokens is longer than max_seq_len {self.max_seq_len}")
+
+    def insert(self, row: int, prompt: np.ndarray) -> None:
+        """Prefill `prompt` (1-D ids, all but the last token) into `row`; the caller then feeds the last
+        prompt token at position len(prompt) - 1 in that row."""
+        p = self.bucket(len(prompt))
+        ids = np.zeros((1, p), np.int32)
+        mask = np.zeros((1, p), bool)
+        ids[0, p - len(prompt):], mask[0, p - len(prompt):] = prompt, True
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+        part = self.prefills[p](self.small(ids[:, :-1]), self.small(positions[:, :-1]), self.small(mask[:, :-1]))
+        self.cache = self.inserts[p](self.cache, part, self.small(np.int32(row)))
+
+    def step(self, tokens: np.ndarray, positions: np.ndarray, params: SlotParams | None) -> np.ndarray:
+        """One decode step over all rows (token [B] at position [B]); params None = greedy everywhere."""
+        if self.index == self.length:
+            self.cache = self.compactor(self.cache)
+            self.index -= self.margin
+        nxt, _, _, _, self.cache, logits = self.decode(self.cache, self.small(tokens), self.small(positions),
+                                                       self._done, self._key, self._step, *self._scalars)
+        self.index += 1
+        if params is not None:
+            nxt = self.sampler(logits, *(self.small(np.asarray(x)) for x in params))
+        return np.asarray(nxt)
+
+
+def describe(slots: DecodeSlots) -> dict[str, Any]:
+    """The sizes a server reports at start."""
+    return {"max_batch": slots.batch, "max_seq_len": slots.max_seq_len, "cache_slots": slots.length,
+            "prompt_buckets": slots.buckets, "layerwise": slots.decoder is not None}

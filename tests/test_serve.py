@@ -1,0 +1,268 @@
+"""`jaxmoe serve` against a running server (a real uvicorn in a subprocess, tiny Mixtral + word-level tokenizer):
+concurrent requests give offline greedy `jaxmoe.generate`'s tokens, streamed text equals non-streamed, the fault
+cases answer OpenAI-style errors and the server keeps working, a disconnect cancels, SIGTERM drains and exits 0;
+and 2 processes x 4 CPU devices (`--mesh expert=4,data=2`) serve the same tokens as one process."""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+import converters
+from jaxmoe.generate import generate, left_pad
+from jaxmoe.serve.engine import Engine, QueueFull, Request, Sampling, _held_back
+from tests.tiny_models import make_tiny
+from tests.tiny_tokenizer import make_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "sk-test"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+EOS = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(proc: subprocess.Popen, port: int) -> subprocess.Popen:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("the server did not come up")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path, _ = make_tiny("mixtral", tmp_path_factory.mktemp("serve") / "tiny", seed=3)
+    make_tokenizer(path)
+    return path
+
+
+def _reference(model_dir: Path) -> np.ndarray:
+    """Offline greedy tokens [64, max(BUDGETS)] of PROMPTS, one left-padded batch."""
+    ids, mask = left_pad(PROMPTS, 0)
+    return generate(converters.load(model_dir), ids, max(BUDGETS), attention_mask=mask, eos_token_id=EOS,
+                    pad_token_id=0)[:, ids.shape[1]:]
+
+
+_rng = np.random.default_rng(0)
+PROMPTS = [_rng.integers(3, 128, int(_rng.integers(1, 11))).tolist() for _ in range(64)]
+BUDGETS = [int(_rng.integers(1, 7)) for _ in PROMPTS]  # prompt + budget <= 16, the multi-host --max-seq-len
+
+
+@pytest.fixture(scope="module")
+def two_hosts(model_dir):
+    """(processes, port) of a 2-process x 4-device server (`--mesh expert=4,data=2`), started first so that it
+    compiles while the single-process tests run."""
+    port, coord = _free_port(), _free_port()
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    procs = [subprocess.Popen([sys.executable, "-m", "jaxmoe.cli", "--coordinator", f"127.0.0.1:{coord}",
+                               "--num-processes", "2", "--process-id", str(i), "serve", str(model_dir), "--port",
+                               str(port), "--mesh", "expert=4,data=2", "--max-batch", "4", "--max-seq-len", "16",
+                               "--api-key", KEY, "--served-model-name", "tiny"], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    yield procs, port
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.communicate()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, two_hosts):
+    """(process, url, offline reference): the reference is computed while the server compiles."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.Popen([sys.executable, "-m", "jaxmoe.cli", "serve", str(model_dir), "--port", str(port),
+                             "--max-batch", "4", "--max-seq-len", "32", "--api-key", KEY, "--served-model-name",
+                             "tiny"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ref = _reference(model_dir)
+    yield _wait(proc, port), f"http://127.0.0.1:{port}", ref
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+def _complete(url: str, prompt, max_tokens: int, stream: bool = False, **extra) -> tuple[list[int], str, str]:
+    """(token ids, text, finish reason) of one /v1/completions request."""
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream,
+            "return_token_ids": True, **extra}
+    if not stream:
+        r = httpx.post(f"{url}/v1/completions", json=body, headers=AUTH, timeout=60)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert r.json()["usage"]["completion_tokens"] == len(choice["token_ids"])
+        return choice["token_ids"], choice["text"], choice["finish_reason"]
+    ids, text, reason = [], "", None
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=AUTH, timeout=60) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    for line in lines[:-1]:
+        choice = json.loads(line[6:])["choices"][0]
+        ids += choice["token_ids"]
+        text += choice["text"]
+        reason = choice["finish_reason"] or reason
+    return ids, text, reason
+
+
+def test_concurrent_requests_match_offline_greedy_and_streams_match(server):
+    _, url, ref = server
+    prompts, budgets = PROMPTS, BUDGETS
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:  # 64 requests, 16 at a time, half of them streamed
+        got = list(pool.map(lambda i: _complete(url, prompts[i], budgets[i], stream=i % 2 == 1), range(64)))
+        again = list(pool.map(lambda i: _complete(url, prompts[i], budgets[i], stream=i % 2 == 0), range(8)))
+    tok = make_tokenizer()
+    stopped = 0
+    for i, (tokens, text, reason) in enumerate(got):
+        want = ref[i, :budgets[i]].tolist()
+        if EOS in want:
+            want = want[:want.index(EOS)]
+            stopped += 1
+        assert tokens == want, i
+        assert reason == ("length" if len(want) == budgets[i] else "stop"), i
+        assert text == tok.decode(want, skip_special_tokens=True)
+    assert stopped < 64 and sum(len(g[0]) for g in got) > 100
+    assert [g[:2] for g in again] == [g[:2] for g in got[:8]]  # streamed == non-streamed, both ways
+    # A stop string cuts the text before it and ends the request, streamed or not.
+    j = max(range(64), key=lambda i: len(got[i][1].split()))
+    text = got[j][1]
+    stop = " " + text.split(" ")[2]
+    for stream in (False, True):
+        assert _complete(url, prompts[j], budgets[j], stream, stop=[stop, "zzz"])[1:] == (text[:text.find(stop)],
+                                                                                           "stop")
+
+
+def test_sampling_settings_per_request(server):
+    _, url, _ = server
+    prompt = [5, 9, 17, 30]
+    greedy = _complete(url, prompt, 12)[0]
+    assert _complete(url, prompt, 12, temperature=1.5, top_k=1, seed=7)[0] == greedy  # top_k=1 is greedy
+    a = _complete(url, prompt, 12, temperature=1.5, seed=7)[0]
+    assert _complete(url, prompt, 12, temperature=1.5, seed=7)[0] == a  # same seed, same draw
+    draws = {tuple(_complete(url, prompt, 12, temperature=1.5, seed=s)[0]) for s in range(4)}
+    assert len(draws) >= 3
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
+    _, url, _ = server
+    post = lambda body, headers=AUTH, path="/v1/completions": httpx.post(  # noqa: E731
+        url + path, content=body if isinstance(body, str) else json.dumps(body), headers=headers, timeout=30)
+    cases = [
+        ("{not json", AUTH, 400, None),
+        ({"model": "gpt-9", "prompt": "a"}, AUTH, 404, "model"),
+        ({"model": "tiny", "prompt": [3] * 40}, AUTH, 400, "prompt"),
+        ({"model": "tiny", "prompt": [3] * 20, "max_tokens": 13}, AUTH, 400, "max_tokens"),
+        ({"model": "tiny", "prompt": "a", "temperature": -1}, AUTH, 400, "temperature"),
+        ({"model": "tiny", "prompt": "a", "top_p": 0}, AUTH, 400, "top_p"),
+        ('{"model": "tiny", "prompt": "a", "temperature": NaN}', AUTH, 400, "temperature"),
+        ({"model": "tiny", "prompt": "a", "max_tokens": 0}, AUTH, 400, "max_tokens"),
+        ({"model": "tiny", "prompt": "a", "stop": [1]}, AUTH, 400, "stop"),
+        ({"model": "tiny", "prompt": [500]}, AUTH, 400, "prompt"),
+        ({"model": "tiny", "prompt": "a"}, {}, 401, None),
+        ({"model": "tiny", "prompt": "a"}, {"Authorization": "Bearer nope"}, 401, None),
+    ]
+    for body, headers, status, param in cases:
+        r = post(body, headers)
+        assert r.status_code == status, (body, r.text)
+        err = r.json()["error"]
+        assert err["param"] == param and err["message"] and err["type"], err
+    r = post({"messages": [{"role": "user", "content": 3}]}, path="/v1/chat/completions")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    # Still serving: a chat completion after all of that.
+    r = post({"model": "tiny", "messages": [{"role": "user", "content": "write code"}],
+              "max_tokens": 3, "temperature": 0}, path="/v1/chat/completions")
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
+    assert r.json()["usage"]["completion_tokens"] >= 1
+    assert httpx.get(url + "/v1/models", headers=AUTH).json()["data"][0]["id"] == "tiny"
+    metrics = httpx.get(url + "/metrics").text
+    assert 'jaxmoe_requests_total{outcome="http_401"} 2' in metrics
+    assert "jaxmoe_batch_slots 4" in metrics and "jaxmoe_queue_depth 0" in metrics
+
+
+def test_disconnect_cancels_then_sigterm_drains_and_exits_0(server):
+    proc, url, _ = server
+    body = {"model": "tiny", "prompt": [7, 8, 9], "max_tokens": 28, "temperature": 0, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, headers=AUTH, timeout=30) as r:
+        next(r.iter_lines())  # one event, then hang up
+    deadline = time.monotonic() + 20
+    while 'outcome="cancelled"} 1' not in httpx.get(url + "/metrics").text:
+        assert time.monotonic() < deadline, "the disconnected request was not cancelled"
+        time.sleep(0.1)
+
+    # A request in flight when SIGTERM arrives still completes; a new one is refused; exit status 0.
+    with httpx.stream("POST", url + "/v1/completions", json={**body, "return_token_ids": True}, headers=AUTH,
+                      timeout=60) as r:
+        lines = r.iter_lines()
+        first = next(lines)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        with pytest.raises(httpx.TransportError):
+            httpx.post(url + "/v1/completions", json=body, headers=AUTH, timeout=5)
+        chunks = [json.loads(x[6:]) for x in [first, *lines] if x.startswith("data: {")]
+    assert sum(len(c["choices"][0]["token_ids"]) for c in chunks) == 28
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert proc.wait(timeout=30) == 0
+
+
+def test_cli_bad_arguments_exit_2(tmp_path, model_dir, capsys):
+    from jaxmoe.cli import main
+
+    assert main(["serve", str(tmp_path / "nope")]) == 2
+    assert "nope: no such file or directory" in capsys.readouterr().err
+    assert main(["serve", str(model_dir), "--max-batch", "1"]) == 2
+    assert "--max-batch must be >= 2, got 1" in capsys.readouterr().err
+    assert main(["serve", str(model_dir), "--max-seq-len", "300"]) == 2  # the tiny model's limit is 256
+    assert "--max-seq-len must be in 2..256" in capsys.readouterr().err
+
+
+class _FakeDevice:
+    batch = 2
+
+
+def test_queue_limit_and_stop_string_hold_back():
+    engine = Engine(_FakeDevice(), None, [EOS], max_queue=2)
+    s = Sampling(4)
+    engine.submit(Request([1], s, print))
+    engine.submit(Request([1], s, print))
+    with pytest.raises(QueueFull, match="2 requests are waiting"):
+        engine.submit(Request([1], s, print))
+    assert engine.metrics.queue_depth == 2
+    # "the cat" may become "the cats!" (stop "ts!"): 1 character held back; none when nothing matches.
+    assert _held_back("the cat", ["ts!"]) == 1 and _held_back("the cat", ["dog", "at!"]) == 2
+    assert _held_back("the cow", ["ts!"]) == 0
+
+
+def test_two_processes_serve_the_same_tokens_as_one(server, two_hosts):
+    """2 processes x 4 CPU devices, `--mesh expert=4,data=2`: process 0 serves and broadcasts every step."""
+    _, _, ref = server
+    procs, port = two_hosts
+    _wait(procs[0], port)
+    url = f"http://127.0.0.1:{port}"
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(lambda i: _complete(url, PROMPTS[i], BUDGETS[i], stream=i % 2 == 1), range(12)))
+    for i, (tokens, _, _) in enumerate(got):
+        want = ref[i, :BUDGETS[i]].tolist()
+        assert tokens == (want[:want.index(EOS)] if EOS in want else want), i
+    procs[0].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=60) for p in procs]
+    assert codes == [0, 0], [p.communicate()[1][-2000:] for p in procs]
