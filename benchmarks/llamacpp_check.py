@@ -104,7 +104,9 @@ def llama_text(binary: Path, gguf: Path, prompt: str, n: int, threads: int) -> s
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         sys.exit(f"llama-completion failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
-    return r.stdout
+    # llama-completion always prints "\n\n" after the generation (tools/completion/completion.cpp, before the
+    # timings); it is not model output.
+    return r.stdout.removesuffix("\n\n")
 
 
 def jaxmoe_text(gguf: Path, prompts: tuple[str, ...], n: int) -> list[tuple[str, list[int]]]:

@@ -32,6 +32,7 @@ from converters.gguf.reader import read_gguf
 from converters.hf.names import Region, full_region
 from converters.hf.reader import HFParams, Target, abstract_model, param_targets, read_config
 from converters.hf.safetensors_io import CheckpointReader
+from converters.hub import resolve_model
 from jaxmoe.nn.config import ModelConfig
 from jaxmoe.nn.model import DecoderLayer, Transformer, layer_stacks
 from jaxmoe.parallel.mesh import check_mesh, make_mesh
@@ -163,8 +164,9 @@ def _is_orbax(path: Path) -> bool:
 def open_source(path: str | Path, mesh: Mesh | None = None) -> tuple[ModelConfig, ParamSource, str]:
     """(config, our parameters, default dtype) of an HF directory, a `.gguf` file or a jaxmoe orbax checkpoint;
     opening reads the configuration and the files' headers, no tensor. The default dtype is the checkpoint's
-    (GGUF: float32). A `mesh` is checked against the configuration before any weights file is opened."""
-    path = Path(path)
+    (GGUF: float32). A `mesh` is checked against the configuration before any weights file is opened. `path`
+    may be a Hub id (`org/name[@revision]`, `converters.hub`): its local Hugging Face cache snapshot is read."""
+    path = resolve_model(path)
     if _is_orbax(path):
         source = _orbax_params(path)
         if mesh is not None:

@@ -116,7 +116,7 @@ class LayerwisePrefill(_Programs):
         x, cos, sin, masks, _ = jax.eval_shape(functools.partial(_prefill_prologue, c, None, length=length),
                                                *pro_args[2:])
         self.layer_exes = [self._get(executable, "prefill_layer", _prefill_layer, static,
-                                     (graphdef, treedef, leaves, x, cos, sin, masks[kind]))
+                                     (graphdef, treedef, leaves, x, cos[kind], sin[kind], masks[kind]))
                            for (graphdef, treedef, leaves), kind in zip(self.layers, self.kinds)]
         # The largest scratch allocation one layer program makes per call (0 where XLA does not say).
         stats = [exe.memory_analysis() for exe in self.layer_exes]
@@ -126,7 +126,7 @@ class LayerwisePrefill(_Programs):
         x, cos, sin, masks, valid = self.pro([self.embed], ids, positions, mask)
         ks, vs = [], []
         for exe, (_, _, leaves), kind in zip(self.layer_exes, self.layers, self.kinds):
-            x, k, v = exe(leaves, x, cos, sin, masks[kind])
+            x, k, v = exe(leaves, x, cos[kind], sin[kind], masks[kind])
             ks.append(k)
             vs.append(v)
         return KVCache(tuple(ks), tuple(vs), valid, self.index)
@@ -176,7 +176,8 @@ class LayerwiseStep(_Programs):
         x, cos, sin, masks, _ = jax.eval_shape(functools.partial(_decode_prologue, c, None), *pro_args[2:])
         self.layer_exes = []
         for (graphdef, treedef, leaves), kind, k, v in zip(self.layers, self.kinds, cache.k, cache.v):
-            args = (graphdef, treedef, leaves, x, cos, sin, masks[kind], k, v, cache.index)
+            args = (graphdef, treedef, leaves, x, cos[kind], sin[kind], masks[kind], k, v,
+                    cache.index)
             self.layer_exes.append(self._get(executable, "decode_layer", _decode_layer, {}, args, donate=(7, 8)))
         self.head = self._get(executable, "decode", _decode_head, {"sampling": sampling, "return_logits": return_logits},
                               (*self.head_args, x, position, done, key, step, cache.index, *scalars))
@@ -185,7 +186,7 @@ class LayerwiseStep(_Programs):
         x, cos, sin, masks, valid = self.pro([self.embed], token, position, cache.valid, cache.index)
         ks, vs = [], []
         for exe, (_, _, leaves), kind, k, v in zip(self.layer_exes, self.layers, self.kinds, cache.k, cache.v):
-            x, k, v = exe(leaves, x, cos, sin, masks[kind], k, v, cache.index)
+            x, k, v = exe(leaves, x, cos[kind], sin[kind], masks[kind], k, v, cache.index)
             ks.append(k)
             vs.append(v)
         nxt, position, done, step, index, logits = self.head(self.head_args[2], x, position, done, key, step,

@@ -292,3 +292,22 @@ def test_write_fault_leaves_nothing(tiny_hf, tmp_path, fault):
     with pytest.raises(OutputError if fault == "disk_full" else Terminated, match="No space left|SIGTERM"):
         write_gguf(out, config, get)
     assert len(calls) == 5 and _nothing_left(out)
+
+
+@pytest.mark.parametrize("digits, name", [(False, "gpt-2"), (True, "smollm")])
+def test_byte_level_pre_tokenizer_gets_a_name_llamacpp_knows(digits, name):
+    """ByteLevel alone runs GPT-2's regex: llama.cpp calls that "gpt-2" (it refuses "gpt2": "unknown
+    pre-tokenizer type"); digits split one by one before it are SmolLM's "smollm"."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from converters.gguf.tokenizer_writer import tokenizer_fields
+    from jaxmoe.nn.config import ModelConfig
+
+    tok = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")]))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) \
+        if digits else byte_level
+    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok)
+    cfg = ModelConfig(model_type="llama", vocab_size=4, hidden_size=8, intermediate_size=8, num_layers=1,
+                      num_heads=1, num_kv_heads=1, head_dim=8)
+    assert tokenizer_fields(fast, cfg)["pre"] == name

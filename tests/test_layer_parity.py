@@ -76,7 +76,8 @@ def _trace(tiny_hf, name: str) -> dict:
     pos = jnp.broadcast_to(jnp.arange(SEQ, dtype=jnp.int32), (BATCH, SEQ))
     x, cos, sin, masks = prologue(c, model.embed[...], jnp.asarray(ids), pos, pos, jnp.ones((BATCH, SEQ), bool))
     _TRACES[name] = dict(hf=hf, ids=ids, rec=rec, hidden=out.hidden_states, logits=_np(out.logits), model=model,
-                         ours_embed=x, rope=(cos, sin), masks=[masks[t] for t in c.layer_types])
+                         ours_embed=x, rope=[(cos[t], sin[t]) for t in c.layer_types],
+                         masks=[masks[t] for t in c.layer_types])
     return _TRACES[name]
 
 
@@ -105,7 +106,7 @@ def test_embedding(tiny_hf, name):
 def test_attention_per_layer(tiny_hf, name):
     t = _trace(tiny_hf, name)
     for i, layer in enumerate(_layers(t["model"])):
-        h, _ = layer.attn(jnp.asarray(_np(t["rec"]["attn_in"][i])), *t["rope"], t["masks"][i])
+        h, _ = layer.attn(jnp.asarray(_np(t["rec"]["attn_in"][i])), *t["rope"][i], t["masks"][i])
         _check(name, f"layer {i} attention ({t['model'].config.layer_types[i]})", h, t["rec"]["attn_out"][i])
 
 
@@ -119,7 +120,7 @@ def test_decoder_layer_on_transformers_hidden_states(tiny_hf, name):
     for i in range(n - 1):
         assert torch.equal(hidden[i + 1], outs[i]), (name, i)  # the recorded layer outputs are hidden_states
     for i, layer in enumerate(_layers(t["model"])):
-        y, _, _, _ = layer(jnp.asarray(_np(hidden[i])), *t["rope"], t["masks"][i])
+        y, _, _, _ = layer(jnp.asarray(_np(hidden[i])), *t["rope"][i], t["masks"][i])
         _check(name, f"decoder layer {i} ({t['model'].config.layer_types[i]})", y, outs[i])
 
 

@@ -142,8 +142,8 @@ def test_empty_or_missing_prompts_in_hidden_mode(tmp_path):
            "must be a non-empty list of strings in gate_mode 'hidden'")
     text = GOOD.replace('    positive_prompts:\n      - "solve math"\n', "")
     expect(write(tmp_path, text), 10, "experts[1].positive_prompts", "non-empty list of strings")
-    text = GOOD.replace('"solve math"', '""')
-    expect(write(tmp_path, text), 12, "experts[1].positive_prompts[0]", "empty prompt")
+    text = GOOD.replace('"solve math"', '""')  # accepted as mergekit-moe accepts it: BOS alone
+    assert load_recipe(write(tmp_path, text)).experts[1].positive_prompts == [""]
     text = GOOD.replace('positive_prompts:\n      - "solve math"', 'positive_prompts: "solve math"')
     expect(write(tmp_path, text), 11, "experts[1].positive_prompts", "got a single string")
 
@@ -186,11 +186,15 @@ def test_bad_dtype_and_bad_numbers(tmp_path):
            "experts[1].residual_scale", "must be a finite number, got 'lots'")
 
 
-def test_lora_and_revision_refs_are_refused(tmp_path):
+def test_lora_and_revision_refs_are_refused(tmp_path, monkeypatch):
     expect(write(tmp_path, GOOD.replace("source_model: a", "source_model: a+loras/code")), 6,
            "experts[0].source_model", "'+lora' references are not supported", "plain local path")
-    expect(write(tmp_path, GOOD.replace("base_model: base", "base_model: org/model@v2")), 1, "base_model",
-           "'model@revision'")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # a Hub id: looked up there (tests/test_hub.py)
+    monkeypatch.delenv("JAXMOE_HUB_DOWNLOAD", raising=False)
+    recipe = load_recipe(write(tmp_path, GOOD.replace("base_model: base", "base_model: org/model@v2")))
+    assert "org/model at revision v2 is not in the Hugging Face cache" in error_of(validate_sources, recipe, dict)
+    expect(write(tmp_path, GOOD.replace("base_model: base", "base_model: ./base@v2")), 1, "base_model",
+           "'@revision' is for Hub ids")
     (tmp_path / "odd+name").mkdir()  # an existing path is taken literally
     assert load_recipe(write(tmp_path, GOOD.replace("source_model: a", "source_model: odd+name"))) \
         .experts[0].source_model == str(tmp_path / "odd+name")
@@ -205,7 +209,7 @@ def test_required_keys_shared_experts_and_yaml_errors(tmp_path):
     expect(write(tmp_path, GOOD.replace("  - source_model: b", "  - source_model: [b")), 11, "",
            "YAML syntax error")
     expect(write(tmp_path, GOOD + "architecture: deepseek\n"), 15, "architecture",
-           "'deepseek' does not name one output architecture", "DeepSeek and Qwen3")
+           "'deepseek' does not name one output architecture", "DeepSeek MoE")
 
 
 @pytest.mark.parametrize("written, canonical", [("Mixtral", "mixtral"), ("qwen", "qwen2_moe"),
@@ -218,14 +222,15 @@ def test_architecture_prefixes(tmp_path, written, canonical):
 def test_gemma2moe_flavor(tmp_path):
     recipe = load_recipe(write(tmp_path, G2M))
     assert (recipe.flavor, recipe.gate_mode, recipe.experts_per_token, recipe.dtype) == \
-        ("gemma2moe", "embed_algebra", 1, None)
+        ("gemma2moe", "embed_algebra", 1, "bfloat16")  # the toolkit's documented dtype
     assert [(e.name, e.positive_prompts, e.negative_prompts) for e in recipe.experts] == \
         [("coder", ["code"], []), ("poet", ["poems"], ["code"])]
     # A gate_mode makes it a mergekit-style recipe, where num_experts_per_tok is read as experts_per_token.
     recipe = load_recipe(write(tmp_path, G2M + "gate_mode: cheap_embed\n"))
     assert (recipe.flavor, recipe.gate_mode, recipe.experts_per_token) == ("mergekit", "cheap_embed", 1)
-    expect(write(tmp_path, G2M.replace('    positive_prompts: ["poems"]\n', "")), 7, "experts[1].positive_prompts",
-           "in gate_mode 'embed_algebra'")
+    # The toolkit gives an expert without prompts a random vector (converters.moe.gates.embed_algebra_gates).
+    assert load_recipe(write(tmp_path, G2M.replace('    positive_prompts: ["poems"]\n', ""))).experts[1] \
+        .positive_prompts == []
     expect(write(tmp_path, G2M + "experts_per_token: 1\n"), 2, "num_experts_per_tok", "not both")
     assert load_recipe(write(tmp_path, GOOD.replace("hidden", "embed_algebra"))).flavor == "mergekit"
 
@@ -300,9 +305,10 @@ def test_gemma2_sources_build_gemma2moe(tmp_path):
     expect_source_error(write(tmp_path, GOOD + "architecture: gemma2moe\n"),
                         dict.fromkeys(("base", "a", "b"), LLAMA), 15, "architecture",
                         "gemma2moe is built from gemma2 sources, not llama")
-    gemma1 = {**GEMMA2, "model_type": "gemma"}
-    expect_source_error(write(tmp_path, G2M), dict.fromkeys(("base", "a", "b"), gemma1), 1, "base_model",
-                        "model_type 'gemma' cannot be an MoE source")
+    # Gemma 1 sources build a GemMoE now (tests/test_gemmoe.py); Gemma 3's multimodal checkpoints are no source.
+    gemma3_vlm = {**GEMMA2, "model_type": "gemma3"}
+    expect_source_error(write(tmp_path, G2M), dict.fromkeys(("base", "a", "b"), gemma3_vlm), 1, "base_model",
+                        "model_type 'gemma3' cannot be an MoE source")
 
 
 def test_mixed_model_types(tmp_path):

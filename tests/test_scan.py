@@ -99,7 +99,10 @@ def test_layerwise_and_scanned_decode_give_the_same_tokens_and_logits(tiny_hf, n
     monkeypatch.setattr(gen, "SCRATCH_REUSE_LIMIT", -1)  # every prompt counts as big
     monkeypatch.setattr(gen, "per_layer_cache", lambda cache: views.append(cache) or per_layer_cache(cache))
     runs.append(generate_full(model, ids, 14, eos_token_id=(), return_logits=True, layerwise=True))
-    assert len(views) == 1 and views[0].k[0].ndim == 5  # the scanned prefill's stacked cache [L, B, kv, ., .]
+    # the scanned prefill's cache: one array per layer stack, its leading axis the stack's layers
+    stacks = layer_stacks(model.config)
+    assert len(views) == 1 and len(views[0].k) == len(stacks)
+    assert [k.shape[0] for k in views[0].k] == [len(g) for g in stacks]
     for run in runs[1:]:
         assert np.array_equal(runs[0].sequences, run.sequences)
         assert np.abs(runs[0].logits).max() > 1.0 and np.abs(runs[0].logits - run.logits).max() <= 1e-4

@@ -46,6 +46,7 @@ class Family:
 
 
 _LLAMA_BLOCK = {**_ATTENTION, "ffn_norm": "post_attention_layernorm", **_DENSE_MLP}
+_QK_NORM = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
 
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", "LlamaForCausalLM", _LLAMA_BLOCK, rope_permuted=True),
@@ -73,6 +74,14 @@ FAMILIES: dict[str, Family] = {
          "ffn_gate_inp_shexp": "mlp.shared_expert_gate", "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
          "ffn_up_shexp": "mlp.shared_expert.up_proj", "ffn_down_shexp": "mlp.shared_expert.down_proj",
          **_DENSE_MLP},  # the dense layers (`mlp_only_layers`) of an HF Qwen2-MoE
+        experts={"ffn_gate": "gate_proj", "ffn_down": "down_proj", "ffn_up": "up_proj"}, expert_block="mlp",
+    ),
+    # llama.cpp's qwen3 / qwen3moe: qwen2's layout plus per-head q/k norms; qwen3moe has no shared expert, a
+    # sparse block in every layer and always renormalises the top-k weights
+    "qwen3": Family("qwen3", "Qwen3ForCausalLM", {**_LLAMA_BLOCK, **_QK_NORM}),
+    "qwen3_moe": Family(
+        "qwen3_moe", "Qwen3MoeForCausalLM",
+        {**_ATTENTION, **_QK_NORM, "ffn_norm": "post_attention_layernorm", "ffn_gate_inp": "mlp.gate"},
         experts={"ffn_gate": "gate_proj", "ffn_down": "down_proj", "ffn_up": "up_proj"}, expert_block="mlp",
     ),
 }

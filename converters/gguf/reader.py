@@ -28,8 +28,9 @@ from jaxmoe.nn.config import ConfigError, ModelConfig
 # IQ*, TQ*, MXFP4 ...); integer tensors are refused.
 SUPPORTED_TYPES = tuple(dict.fromkeys(
     (QT.F32, QT.F16, *(q for q in QT if isinstance(getattr(gguf.quants, q.name, None), type)))))
-SUPPORTED_ARCHITECTURES = ("gemma", "gemma2", "llama", "mistral", "qwen2", "qwen2moe")
-_MODEL_TYPES = {"gemma": "gemma", "gemma2": "gemma2", "qwen2": "qwen2", "qwen2moe": "qwen2_moe"}
+SUPPORTED_ARCHITECTURES = ("gemma", "gemma2", "llama", "mistral", "qwen2", "qwen2moe", "qwen3", "qwen3moe")
+_MODEL_TYPES = {"gemma": "gemma", "gemma2": "gemma2", "qwen2": "qwen2", "qwen2moe": "qwen2_moe", "qwen3": "qwen3",
+                "qwen3moe": "qwen3_moe"}
 _SPLIT_NAME = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 # convert_hf_to_gguf computes Llama 3's rope factors with this original context (its default; the factors
 # only depend on the ratios original/low and original/high, so any value reproduces them).
@@ -224,7 +225,7 @@ class GGUFCheckpoint:
         if (scaling := self._rope_scaling(theta, head_dim)) is not None:
             config["rope_scaling"] = scaling
             config["rope_parameters"] = {**scaling, "rope_theta": theta}
-        if family.rope_permuted:
+        if family.rope_permuted or model_type in ("qwen3", "qwen3_moe"):
             config["attention_bias"] = "blk.0.attn_q.bias" in self._tensor_names
         if model_type in ("mistral", "mixtral"):
             window = self._arch("attention.sliding_window")
@@ -232,8 +233,10 @@ class GGUFCheckpoint:
         if model_type == "mixtral":
             config["num_local_experts"] = int(self._arch("expert_count"))
             config["num_experts_per_tok"] = int(self._required("expert_used_count"))
-        if model_type == "qwen2_moe":
+        if model_type in ("qwen2_moe", "qwen3_moe"):
             config.update(self._qwen2_moe(layers))
+        if model_type == "qwen3_moe":  # llama.cpp's qwen3moe always renormalises the top-k weights
+            config.update(norm_topk_prob=True, shared_expert_intermediate_size=0)
         if model_type in ("gemma", "gemma2"):
             config["hidden_activation"] = family.hidden_act
         if model_type == "gemma2":

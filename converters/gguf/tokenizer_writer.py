@@ -76,7 +76,10 @@ def _from_fast(tok: Any, config: ModelConfig, where: str) -> dict[str, Any] | No
     fields: dict[str, Any] = {"model": "gpt2" if byte_level else "llama", "tokens": tokens, "merges": merges}
     if byte_level:
         splits = [p["pattern"].get("Regex") for p in pre if p.get("type") == "Split"]
-        name = _SPLIT_NAMES.get(splits[0]) if splits else "gpt2"
+        # Without a Split, ByteLevel runs GPT-2's regex: llama.cpp's "gpt-2", or "smollm" when digits are split
+        # one by one first (SmolLM's pre-tokenizer). llama.cpp refuses names it does not know ("gpt2").
+        digits = any(p.get("type") == "Digits" and p.get("individual_digits") for p in pre)
+        name = _SPLIT_NAMES.get(splits[0]) if splits else ("smollm" if digits else "gpt-2")
         if name is None:
             log.warning("%s: its pre-tokenizer regex is not one llama.cpp names; the GGUF has no tokenizer", where)
             return None

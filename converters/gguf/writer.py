@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 Getter = Callable[[str], Any]
 # our model_type -> llama.cpp's general.architecture (Mistral and Mixtral are llama.cpp's llama)
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "gemma": "gemma", "gemma2": "gemma2",
-                 "qwen2": "qwen2", "qwen2_moe": "qwen2moe"}
+                 "qwen2": "qwen2", "qwen2_moe": "qwen2moe", "qwen3": "qwen3", "qwen3_moe": "qwen3moe"}
 _GEMMA2_27B_LAYERS = 46  # llama.cpp's rule for Gemma 2's query scale (see converters.gguf.reader)
 
 
@@ -48,10 +48,10 @@ def check_exportable(config: ModelConfig) -> None:
                          "(transformers with trust_remote_code) or run it with `jaxmoe generate` / `jaxmoe serve`")
     if fam not in ARCHITECTURES:
         raise ValueError(f"model_type '{fam}' cannot be written as GGUF (supported: {', '.join(ARCHITECTURES)})")
-    if fam == "qwen2_moe" and not all(config.moe_layers):
+    if fam in ("qwen2_moe", "qwen3_moe") and not all(config.moe_layers):
         dense = [i for i, m in enumerate(config.moe_layers) if not m]
-        raise ValueError(f"qwen2_moe: layers {dense} are dense (mlp_only_layers); llama.cpp's qwen2moe has a "
-                         "sparse block in every layer")
+        raise ValueError(f"{fam}: layers {dense} are dense (mlp_only_layers); llama.cpp's {ARCHITECTURES[fam]} has "
+                         "a sparse block in every layer")
     if dict(config.rope_scaling).get("rope_type") not in (None, "default", "linear", "llama3"):
         raise ValueError(f"rope_scaling {dict(config.rope_scaling)} has no GGUF spelling")
 
@@ -177,6 +177,11 @@ def _hyperparameters(w: gguf.GGUFWriter, config: ModelConfig, name: str, quant: 
     if c.num_experts:
         w.add_expert_count(c.num_experts)
         w.add_expert_used_count(c.num_experts_per_tok)
+    if arch == "qwen3moe":
+        w.add_expert_feed_forward_length(c.expert_intermediate_size)
+        if not c.norm_topk_prob:
+            log.warning("norm_topk_prob=False: llama.cpp's qwen3moe always renormalises the top-%d weights, so its "
+                        "text will differ from jaxmoe's and transformers'", c.num_experts_per_tok)
     if arch == "qwen2moe":
         w.add_expert_feed_forward_length(c.expert_intermediate_size)
         w.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)

@@ -5,7 +5,9 @@ or `rope_parameters`, Gemma's `hidden_activation`, the Gemma-2-MoE toolkit's nam
 ConfigErrors naming the file and the field. Writing (`config_to_hf`) gives both spellings where the versions
 differ: `torch_dtype` and `dtype`, `rope_theta` and `rope_parameters` (plus `rope_scaling` when the RoPE is not
 the default one). A Gemma-2 MoE gets `model_type: gemma2moe`, an `auto_map` to the modeling files shipped beside
-the weights, and the Gemma-2-MoE toolkit's field names too. `config_from_hf(config_to_hf(c)) == c` for every
+the weights, and the Gemma-2-MoE toolkit's field names too; GemMoE (`gemmoe`) and the Gemma 3 MoE (`gemma3moe`)
+get their `auto_map`s. Gemma 3 (`gemma3_text`) writes its rope bases both ways (v5 nested per layer type, v4's
+`rope_local_base_freq`). `config_from_hf(config_to_hf(c)) == c` for every
 config that `config_from_hf` can produce; a config that transformers cannot express is refused with ConfigError.
 """
 from __future__ import annotations
@@ -18,7 +20,8 @@ from jaxmoe.nn.config import DTYPES, FAMILIES, ConfigError, ModelConfig
 
 # --- names: HF -> ours (reading) and ours -> HF (writing) --------------------------------------------
 # model_type spellings in the wild -> our family name.
-MODEL_TYPE_ALIASES = {"gemma2moe": "gemma2_moe", "gemma2_moe": "gemma2_moe", "qwen2moe": "qwen2_moe"}
+MODEL_TYPE_ALIASES = {"gemma2moe": "gemma2_moe", "gemma2_moe": "gemma2_moe", "qwen2moe": "qwen2_moe",
+                      "qwen3moe": "qwen3_moe", "gemma3_text": "gemma3", "gemma3moe": "gemma3_moe"}
 ACTIVATIONS_FROM_HF = {
     "silu": "silu", "swish": "silu",
     "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
@@ -28,14 +31,26 @@ ARCHITECTURES = {
     "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
     "gemma": "GemmaForCausalLM",
     "gemma2": "Gemma2ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-    "gemma2_moe": "Gemma2MoeForCausalLM",
+    "gemma2_moe": "Gemma2MoeForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+    "gemmoe": "GemmoeForCausalLM", "gemma3": "Gemma3ForCausalLM", "gemma3_moe": "Gemma3MoeForCausalLM",
 }
-HF_MODEL_TYPES = {"gemma2_moe": "gemma2moe"}
+HF_MODEL_TYPES = {"gemma2_moe": "gemma2moe", "gemma3": "gemma3_text", "gemma3_moe": "gemma3moe"}
 HF_ACTIVATIONS = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
 GEMMA2MOE_AUTO_MAP = {"AutoConfig": "configuration_gemma2moe.Gemma2MoeConfig",
                       "AutoModelForCausalLM": "modeling_gemma2moe.Gemma2MoeForCausalLM"}
-_GEMMA = ("gemma", "gemma2", "gemma2_moe")
-_GEMMA2 = ("gemma2", "gemma2_moe")
+# Families whose transformers class is our remote code shipped beside the weights -> its auto_map.
+AUTO_MAPS = {
+    "gemma2_moe": GEMMA2MOE_AUTO_MAP,
+    "gemmoe": {"AutoConfig": "configuration_gemmoe.GemmoeConfig",
+               "AutoModelForCausalLM": "modeling_gemmoe.GemmoeForCausalLM"},
+    "gemma3_moe": {"AutoConfig": "configuration_gemma3moe.Gemma3MoeConfig",
+                   "AutoModelForCausalLM": "modeling_gemma3moe.Gemma3MoeForCausalLM"},
+}
+_GEMMA = ("gemma", "gemma2", "gemma2_moe", "gemmoe", "gemma3", "gemma3_moe")
+_GEMMA2 = ("gemma2", "gemma2_moe", "gemma3", "gemma3_moe")  # Gemma 2 layers: sandwich norms, query scalar, caps
+_GEMMA3 = ("gemma3", "gemma3_moe")  # q/k norms, a rope base of their own on sliding layers
+_MIXTRAL_LIKE = ("mixtral", "gemma2_moe", "gemmoe", "gemma3_moe")  # every layer sparse, top-k renormalised
+_QWEN3 = ("qwen3", "qwen3_moe")
 
 
 # --- reading -------------------------------------------------------------------------------------------
@@ -80,6 +95,14 @@ def _rope_from_hf(d: dict, source: str, default_theta: float) -> tuple[float, tu
     return theta, tuple(sorted((k, v) for k, v in scaling.items() if not isinstance(v, (list, dict))))
 
 
+def _rope_local_from_hf(d: dict) -> float:
+    """Gemma 3's rope base of sliding layers: v5's rope_parameters.sliding_attention, else v4's
+    rope_local_base_freq, else transformers' default 10000."""
+    nested = (d.get("rope_parameters") or {}).get("sliding_attention")
+    theta = nested.get("rope_theta") if isinstance(nested, dict) else None
+    return float(theta or d.get("rope_local_base_freq") or 10000.0)
+
+
 def _layer_types(d: dict, n: int, source: str) -> tuple[str, ...] | None:
     lt = d.get("layer_types")
     if lt is None:
@@ -106,20 +129,27 @@ def config_from_hf(d: dict[str, Any], source: str = "config.json") -> ModelConfi
     g = lambda *names, default=KeyError: _get(d, source, *names, default=default)  # noqa: E731
     hidden, heads = int(g("hidden_size")), int(g("num_attention_heads"))
     n_layers = int(g("num_hidden_layers"))
-    gemma = family in ("gemma", "gemma2", "gemma2_moe")
-    gemma2 = family in ("gemma2", "gemma2_moe")
+    gemma, gemma2 = family in _GEMMA, family in _GEMMA2
     act_name = (g("hidden_activation", "hidden_act", default="gelu_pytorch_tanh") if gemma
                 else g("hidden_act", default="silu"))
     if act_name not in ACTIVATIONS_FROM_HF:
         raise ConfigError(f"{source}: hidden_act '{act_name}' is not supported")
-    default_theta = 1e6 if family == "mixtral" else 10000.0
+    default_theta = 1e6 if family in ("mixtral", *_GEMMA3) else 10000.0
     theta, scaling = _rope_from_hf(d, source, default_theta)
     window = d.get("sliding_window")
     layer_types = _layer_types(d, n_layers, source)
-    if family in ("qwen2", "qwen2_moe") and not d.get("use_sliding_window", False):
+    if family in ("qwen2", "qwen2_moe", *_QWEN3) and not d.get("use_sliding_window", False):
         window, layer_types = None, ("full",) * n_layers
+    elif family == "qwen3_moe":  # transformers' Qwen3-MoE slides on every layer (no layer_types field)
+        layer_types = ("sliding",) * n_layers
+    elif family == "qwen3" and layer_types is None:  # transformers' default from max_window_layers
+        first = int(d.get("max_window_layers", 28))
+        layer_types = tuple("sliding" if i >= first else "full" for i in range(n_layers))
     if layer_types is None:
-        if gemma2:
+        if family in _GEMMA3:  # transformers' default: every sliding_window_pattern-th layer is global
+            pattern = int(d.get("sliding_window_pattern", 6))
+            layer_types = tuple("sliding" if (i + 1) % pattern else "full" for i in range(n_layers))
+        elif gemma2:
             layer_types = tuple("sliding" if i % 2 == 0 else "full" for i in range(n_layers))
         elif family in ("mistral", "mixtral") and window:
             layer_types = ("sliding",) * n_layers
@@ -132,11 +162,11 @@ def config_from_hf(d: dict[str, Any], source: str = "config.json") -> ModelConfi
     eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
 
     num_experts, moe_layers, moe = 0, None, {}
-    if family in ("mixtral", "gemma2_moe"):
+    if family in _MIXTRAL_LIKE:
         num_experts = int(g("num_local_experts", "num_experts"))
         moe = dict(norm_topk_prob=True)
-    elif family == "qwen2_moe":
-        num_experts = int(g("num_experts"))
+    elif family in ("qwen2_moe", "qwen3_moe"):
+        num_experts = int(g("num_experts", "num_local_experts"))
         step, only = int(d.get("decoder_sparse_step", 1)), set(d.get("mlp_only_layers") or [])
         moe_layers = tuple(num_experts > 0 and i not in only and (i + 1) % step == 0 for i in range(n_layers))
         moe = dict(norm_topk_prob=bool(d.get("norm_topk_prob", False)),
@@ -149,7 +179,9 @@ def config_from_hf(d: dict[str, Any], source: str = "config.json") -> ModelConfi
     if d.get("mlp_bias"):
         raise ConfigError(f"{source}: mlp_bias=true is not supported")
     attn_bias = bool(d.get("attention_bias", False))
-    softcap_attn = d.get("attn_logit_softcapping", d.get("attn_logit_soft_capping")) if gemma2 else None
+    # transformers' Gemma 3 reads attn_logit_softcapping but never applies it: neither do we.
+    softcap_attn = (d.get("attn_logit_softcapping", d.get("attn_logit_soft_capping"))
+                    if gemma2 and family not in _GEMMA3 else None)
     softcap_final = d.get("final_logit_softcapping", d.get("logit_soft_capping")) if gemma2 else None
     return ModelConfig(
         model_type=family,
@@ -159,11 +191,12 @@ def config_from_hf(d: dict[str, Any], source: str = "config.json") -> ModelConfi
         num_layers=n_layers,
         num_heads=heads,
         num_kv_heads=int(g("num_key_value_heads", default=heads)),
-        head_dim=int(g("head_dim", default=hidden // heads)),
+        head_dim=int(g("head_dim", default=128 if family == "qwen3" else hidden // heads)),
         max_position_embeddings=int(g("max_position_embeddings", default=8192)),
         rms_norm_eps=float(g("rms_norm_eps", default=1e-6)),
         rope_theta=theta,
         rope_scaling=scaling,
+        rope_local_theta=_rope_local_from_hf(d) if family in _GEMMA3 else None,
         activation=ACTIVATIONS_FROM_HF[act_name],
         norm_offset=gemma,
         embed_scale=gemma,
@@ -176,6 +209,7 @@ def config_from_hf(d: dict[str, Any], source: str = "config.json") -> ModelConfi
         tie_word_embeddings=bool(d.get("tie_word_embeddings", gemma)),
         qkv_bias=bool(d.get("qkv_bias", True)) if family in ("qwen2", "qwen2_moe") else attn_bias,
         o_bias=attn_bias and family not in ("qwen2", "qwen2_moe"),
+        qk_norm=family in _QWEN3 + _GEMMA3,
         num_experts=num_experts,
         moe_layers=moe_layers or (),
         dtype=dtype if dtype in DTYPES else "float32",
@@ -195,7 +229,8 @@ def _num(x: float) -> int | float:
 def _check(config: ModelConfig) -> None:
     """Refuse configs whose flags the family's transformers class cannot express."""
     c, fam = config, config.model_type
-    want = dict(norm_offset=fam in _GEMMA, embed_scale=fam in _GEMMA, sandwich_norms=fam in _GEMMA2)
+    want = dict(norm_offset=fam in _GEMMA, embed_scale=fam in _GEMMA, sandwich_norms=fam in _GEMMA2,
+                qk_norm=fam in _QWEN3 + _GEMMA3)
     for name, value in want.items():
         if getattr(c, name) != value:
             raise ConfigError(f"{name}: {getattr(c, name)} cannot be expressed for model_type {fam} in config.json")
@@ -204,9 +239,9 @@ def _check(config: ModelConfig) -> None:
             if getattr(c, name) is not None:
                 raise ConfigError(f"{name}: only Gemma 2 families support it; model_type is {fam}")
     sliding = [t == "sliding" for t in c.layer_types]
-    if any(sliding) and fam in ("llama", "gemma"):
+    if any(sliding) and fam in ("llama", "gemma", "gemmoe"):
         raise ConfigError(f"layer_types: {fam} has no sliding-window attention in transformers")
-    if fam in ("mistral", "mixtral") and any(sliding) and not all(sliding):
+    if fam in ("mistral", "mixtral", "qwen3_moe") and any(sliding) and not all(sliding):
         raise ConfigError(f"layer_types: {fam} slides on all layers or none, got a mix")
     if fam in ("mistral", "mixtral") and (c.qkv_bias or c.o_bias):
         raise ConfigError(f"qkv_bias: {fam} has no attention bias in transformers")
@@ -214,15 +249,20 @@ def _check(config: ModelConfig) -> None:
         raise ConfigError(f"o_bias: {fam} has no o_proj bias in transformers")
     if fam == "qwen2" and not c.qkv_bias:
         raise ConfigError("qkv_bias: qwen2 always has q/k/v biases in transformers")
-    if fam in ("llama", "gemma", "gemma2", "gemma2_moe") and c.qkv_bias != c.o_bias:
+    if fam in ("llama", *_GEMMA, *_QWEN3) and c.qkv_bias != c.o_bias:
         raise ConfigError(f"qkv_bias: {fam}'s attention_bias covers q, k, v and o together; got qkv_bias="
                           f"{c.qkv_bias}, o_bias={c.o_bias}")
-    moe_fams = ("mixtral", "qwen2_moe", "gemma2_moe")
+    moe_fams = ("mixtral", "qwen2_moe", "gemma2_moe", "qwen3_moe", "gemmoe", "gemma3_moe")
     if c.num_experts and fam not in moe_fams:
         raise ConfigError(f"num_experts: {fam} is dense; use one of {', '.join(moe_fams)} for an MoE")
     if fam in moe_fams and not c.num_experts:
         raise ConfigError(f"num_experts: {fam} needs experts (num_experts > 0)")
-    if fam in ("mixtral", "gemma2_moe"):
+    if fam in _GEMMA3 and c.attn_logit_softcap is not None:
+        raise ConfigError(f"attn_logit_softcap: transformers' {fam} does not apply an attention soft-cap")
+    if (c.rope_local_theta is not None) != (fam in _GEMMA3):
+        raise ConfigError(f"rope_local_theta: only Gemma 3 families have a rope base for sliding layers; model_type "
+                          f"is {fam}")
+    if fam in _MIXTRAL_LIKE:
         if not all(c.moe_layers):
             raise ConfigError(f"moe_layers: {fam} has a sparse block in every layer; use qwen2_moe for dense layers")
         if not c.norm_topk_prob:
@@ -231,6 +271,8 @@ def _check(config: ModelConfig) -> None:
             raise ConfigError(f"shared_expert_intermediate_size: {fam} has no shared expert; use qwen2_moe")
         if c.moe_intermediate_size not in (0, c.intermediate_size):
             raise ConfigError(f"moe_intermediate_size: {fam} experts are intermediate_size wide")
+    if fam == "qwen3_moe" and c.shared_expert_intermediate_size:
+        raise ConfigError("shared_expert_intermediate_size: qwen3_moe has no shared expert; use qwen2_moe")
 
 
 def _rope_to_hf(config: ModelConfig) -> dict[str, Any]:
@@ -239,6 +281,11 @@ def _rope_to_hf(config: ModelConfig) -> dict[str, Any]:
                            "rope_parameters": {**params, "rope_theta": float(config.rope_theta)}}
     if params["rope_type"] != "default":
         out["rope_scaling"] = {**params, "type": params["rope_type"]}
+    if config.rope_local_theta is not None:  # Gemma 3: v5 nests per layer type, v4 names the local base
+        local = float(config.rope_local_theta)
+        out["rope_parameters"] = {"full_attention": out["rope_parameters"],
+                                  "sliding_attention": {"rope_type": "default", "rope_theta": local}}
+        out["rope_local_base_freq"] = local
     return out
 
 
@@ -259,13 +306,14 @@ def _moe(config: ModelConfig) -> dict[str, Any]:
     c, fam = config, config.model_type
     common = dict(num_experts_per_tok=c.num_experts_per_tok, router_aux_loss_coef=c.router_aux_loss_coef,
                   output_router_logits=False)
-    if fam in ("mixtral", "gemma2_moe"):
+    if fam in _MIXTRAL_LIKE:
         return dict(num_local_experts=c.num_experts, router_jitter_noise=c.router_jitter_noise, **common)
     step, only = _sparse_step(c.moe_layers)
     out = dict(num_experts=c.num_experts, norm_topk_prob=c.norm_topk_prob,
-               moe_intermediate_size=c.expert_intermediate_size,
-               shared_expert_intermediate_size=c.shared_expert_intermediate_size,
-               decoder_sparse_step=step, mlp_only_layers=only, **common)
+               moe_intermediate_size=c.expert_intermediate_size, decoder_sparse_step=step, mlp_only_layers=only,
+               **common)
+    if fam == "qwen2_moe":
+        out["shared_expert_intermediate_size"] = c.shared_expert_intermediate_size
     if c.router_jitter_noise:
         out["router_jitter_noise"] = c.router_jitter_noise
     return out
@@ -276,7 +324,7 @@ def _attention(config: ModelConfig) -> dict[str, Any]:
     sliding = any(t == "sliding" for t in c.layer_types)
     hf_types = ["sliding_attention" if t == "sliding" else "full_attention" for t in c.layer_types]
     out: dict[str, Any] = {}
-    if fam in ("llama", "gemma"):
+    if fam in ("llama", "gemma", "gemmoe"):
         out["attention_bias"] = c.qkv_bias
     elif fam in ("mistral", "mixtral"):
         out["sliding_window"] = c.sliding_window if sliding else None
@@ -287,6 +335,11 @@ def _attention(config: ModelConfig) -> dict[str, Any]:
                    attn_logit_softcapping=c.attn_logit_softcap, final_logit_softcapping=c.final_logit_softcap)
         if fam == "gemma2_moe":  # the Gemma-2-MoE toolkit's spellings of the caps
             out.update(attn_logit_soft_capping=c.attn_logit_softcap, logit_soft_capping=c.final_logit_softcap)
+    elif fam in _QWEN3:
+        out.update(attention_bias=c.qkv_bias, use_sliding_window=sliding,
+                   sliding_window=c.sliding_window if sliding else None)
+        if fam == "qwen3":
+            out.update(max_window_layers=c.num_layers, layer_types=hf_types)
     else:  # qwen2, qwen2_moe
         out.update(qkv_bias=c.qkv_bias, use_sliding_window=sliding,
                    sliding_window=c.sliding_window if sliding else None,
@@ -331,6 +384,6 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         d["mlp_bias"] = False
     if c.num_experts:
         d.update(_moe(c))
-    if fam == "gemma2_moe":
-        d["auto_map"] = dict(GEMMA2MOE_AUTO_MAP)
+    if fam in AUTO_MAPS:
+        d["auto_map"] = dict(AUTO_MAPS[fam])
     return d

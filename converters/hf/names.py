@@ -142,6 +142,8 @@ def _attn_rules(config: ModelConfig, p: str, o: str) -> list[Rule]:
         rules += [Rule(f"{p}.self_attn.{n}_proj.bias", (f"{o}.attn.{n}_bias",), "heads_bias") for n in "qkv"]
     if config.o_bias:
         rules.append(Rule(f"{p}.self_attn.o_proj.bias", (f"{o}.attn.o_bias",), "same"))
+    if config.qk_norm:
+        rules += [Rule(f"{p}.self_attn.{n}_norm.weight", (f"{o}.attn.{n}_norm.weight",), "same") for n in "qk"]
     return rules
 
 
@@ -156,12 +158,12 @@ def _moe_rules(config: ModelConfig, p: str, o: str, layout: str) -> list[Rule]:
         return [Rule(f"{p}.mlp.gate.weight", (f"{m}.router",), "linear"),
                 Rule(f"{p}.mlp.experts.gate_up_proj", (f"{m}.gate_proj", f"{m}.up_proj"), "fused_gate_up"),
                 Rule(f"{p}.mlp.experts.down_proj", (f"{m}.down_proj",), "fused_down")]
-    if config.model_type == "mixtral":
+    if config.model_type in ("mixtral", "gemmoe", "gemma3_moe"):  # GemMoE and our Gemma 3 MoE keep Mixtral's
         block = f"{p}.block_sparse_moe" if layout == "legacy" else f"{p}.mlp"
         names = (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj"))
     elif config.model_type == "gemma2_moe":
         block, names = f"{p}.block_sparse_moe", tuple((n, n) for n in ("gate_proj", "up_proj", "down_proj"))
-    else:  # qwen2_moe
+    else:  # qwen2_moe, qwen3_moe
         block, names = f"{p}.mlp", tuple((n, n) for n in ("gate_proj", "up_proj", "down_proj"))
     rules = [Rule(f"{block}.gate.weight", (f"{m}.router",), "linear")]
     for j in range(e):

@@ -39,6 +39,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "spiece.model", "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json",
                    "chat_template.jinja", "chat_template.json")
 GEMMA2MOE_CODE = Path(__file__).parents[1] / "moe" / "gemma2moe_hf"
+# Families without a transformers class: the remote-code files copied beside the weights (the *_NAME.py files of
+# each package; the Gemma 3 MoE modeling file builds on GemMoE's).
+_GEMMOE = (GEMMA2MOE_CODE.parent / "gemmoe_hf", "gemmoe")
+REMOTE_CODE = {"gemma2_moe": [(GEMMA2MOE_CODE, "gemma2moe")], "gemmoe": [_GEMMOE],
+               "gemma3_moe": [_GEMMOE, (GEMMA2MOE_CODE.parent / "gemma3moe_hf", "gemma3moe")]}
 Getter = Callable[[str], Any]
 RawSource = Callable[[Rule, tuple[int, ...]], "Sequence[TensorBytes] | None"]
 
@@ -68,9 +73,9 @@ def check_layout(config: ModelConfig, layout: str) -> None:
     """Refuse layouts that the family's loader cannot read (a one-line ValueError)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout: '{layout}' is not one of {', '.join(LAYOUTS)}")
-    if config.model_type == "gemma2_moe" and layout == "fused":
-        raise ValueError("layout: gemma2_moe is written only in the legacy per-expert layout (its modeling code "
-                         "has no fused experts); use layout='legacy'")
+    if config.model_type in REMOTE_CODE and layout == "fused":
+        raise ValueError(f"layout: {config.model_type} is written only in the legacy per-expert layout (its "
+                         "modeling code has no fused experts); use layout='legacy'")
 
 
 def _rule_tensor(rule: Rule, get: _CachedGetter, dtype: np.dtype) -> np.ndarray:
@@ -213,9 +218,10 @@ def write_hf(out_dir: str | Path, config: ModelConfig, get: Getter, *, layout: s
             write_tokenizer(tokenizer_src, tmp)
         card = model_card() if callable(model_card) else model_card
         (tmp / "README.md").write_text(card if card is not None else default_card(config), encoding="utf-8")
-        if config.model_type == "gemma2_moe":
-            for src in sorted(GEMMA2MOE_CODE.glob("*_gemma2moe.py")):
-                shutil.copyfile(src, tmp / src.name)
+        if config.model_type in REMOTE_CODE:
+            for code_dir, name in REMOTE_CODE[config.model_type]:
+                for src in sorted(code_dir.glob(f"*_{name}.py")):
+                    shutil.copyfile(src, tmp / src.name)
         for name, content in (extra_files or {}).items():
             if Path(name).name != name:
                 raise ValueError(f"extra_files: '{name}' must be a plain file name")

@@ -74,6 +74,10 @@ def output_config(base: ModelConfig, plan: OutputPlan, dtype: str) -> ModelConfi
                               "an o_proj bias cannot be carried into Qwen2-MoE")
         return base.replace(model_type="qwen2_moe", moe_intermediate_size=base.intermediate_size,
                             shared_expert_intermediate_size=base.intermediate_size, qkv_bias=True, **common)
+    if plan.architecture == "qwen3_moe":  # mergekit keeps use_sliding_window: Qwen3-MoE then slides on every layer
+        sliding = any(t == "sliding" for t in base.layer_types)
+        return base.replace(model_type="qwen3_moe", moe_intermediate_size=base.intermediate_size,
+                            layer_types=(("sliding" if sliding else "full"),) * base.num_layers, **common)
     if plan.architecture == "mixtral" and (base.qkv_bias or base.o_bias):
         raise RecipeError("recipe", None, "base_model", "Mixtral has no attention biases; this base has them")
     return base.replace(model_type=plan.architecture, **common)

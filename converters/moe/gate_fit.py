@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmoe.kernels.backend import FAST_CPU_COMPILE, platform
+
 FIT_GATE_MODES = ("router_mean", "calibrated")
 ROUTER_MEAN_TAU = 2.0  # logit spread of router_mean: top-1 probability about 0.6-0.8 on typical tokens
 
@@ -74,7 +76,7 @@ def calibrated_gates(positive: Sequence[np.ndarray], negative: Sequence[np.ndarr
     scale = np.sqrt(np.mean(np.concatenate([x, xn], 1).astype(np.float64) ** 2, axis=(1, 2)))
     scale = np.maximum(scale, 1e-12).astype(np.float32)[:, None, None]
     c = calibration
-    w = _fit(jax.default_backend())(x / scale, label, weight, xn / scale, label_n, weight_n, E, float(c.ridge),
+    w = _fit(platform())(x / scale, label, weight, xn / scale, label_n, weight_n, E, float(c.ridge),
                                     float(c.learning_rate), int(c.steps))
     return (np.asarray(w) / scale).astype(np.float32)
 
@@ -121,8 +123,7 @@ def _stack(groups: Sequence[np.ndarray], labels: Sequence[int], share: float, li
 def _fit(backend: str):
     """The jitted fit; on CPU compiled without LLVM optimisation: it runs once per build, so compile time
     counts, and its time goes to matmuls (library calls either way)."""
-    fast = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}  # gates.FAST_CPU_COMPILE
-    fast = fast if backend == "cpu" else None
+    fast = FAST_CPU_COMPILE if backend == "cpu" else None
     return jax.jit(_fit_layers, static_argnums=(6, 7, 8, 9), compiler_options=fast)
 
 

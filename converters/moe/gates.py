@@ -24,6 +24,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from converters.moe.gate_fit import FIT_GATE_MODES, calibrated_gates, router_mean_gates
+from jaxmoe.kernels.backend import quick_compile_options
 from jaxmoe.nn.model import Transformer, prologue
 from jaxmoe.parallel.mesh import use_mesh
 from jaxmoe.parallel.placement import shard_batch
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 GATE_INPUTS = ("residual", "router_input")
 DEGENERATE_COND = 5.0  # mergekit's threshold for "your prompts may be too similar"
-FAST_CPU_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 # tokens x hidden size x layers up to which the quick compile pays: measured on SmolLM2-135M (2.8e6 of
 # them), it saves ~1 s of compile and costs ~0.2 s of run time, which grows with this product.
 FAST_COMPILE_WORK = 10_000_000
@@ -51,12 +51,18 @@ class Gates:
 
 
 def tokenize_prompts(tokenizer: Any, prompts: Sequence[str], bos_prefix: bool = True) -> list[list[int]]:
-    """Token ids per prompt: BOS (if the tokenizer has one) + the prompt without other special tokens."""
+    """Token ids per prompt: BOS (if the tokenizer has one) + the prompt without other special tokens, as
+    mergekit-moe tokenizes `bos_token + prompt`: the empty prompt "" is BOS alone (its hidden state is the BOS
+    token's). ValueError for a prompt that gives no token at all (empty, and the tokenizer has no BOS)."""
     out = []
+    bos = getattr(tokenizer, "bos_token_id", None)
     for p in prompts:
-        ids = list(tokenizer(p, add_special_tokens=False)["input_ids"])
-        bos = getattr(tokenizer, "bos_token_id", None)
-        out.append(([bos] if bos_prefix and bos is not None else []) + ids)
+        ids = [bos] if bos_prefix and bos is not None else []
+        ids += tokenizer(p, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(f"prompt {p!r} encodes to no tokens (this tokenizer has no BOS token to stand for an "
+                             "empty prompt); write the prompt or remove it")
+        out.append(ids)
     return out
 
 
@@ -97,7 +103,7 @@ class PromptEncoder:
         # Each shape runs once or twice, so for small batches compile time is what counts: on XLA:CPU, without
         # LLVM optimisation and fusion emitters a layer compiles in a third of the time and its elementwise
         # code runs a little slower (the matmuls are library calls either way); big batches keep the defaults.
-        fast = FAST_CPU_COMPILE if jax.default_backend() == "cpu" else None
+        fast = quick_compile_options()
         self._prologue = jax.jit(_prologue, static_argnums=0, compiler_options=fast)  # no bound method: no
         # reference cycle, so the parameters go as soon as the encoder does
         self._layer_fast = jax.jit(_layer_step, static_argnums=0, compiler_options=fast)
@@ -128,7 +134,8 @@ class PromptEncoder:
             with use_mesh(self.mesh):
                 for run in runs:
                     x, cos, sin, masks, last, m = run
-                    run[0], feats, router_input = step(graphdef, state, x, cos, sin, masks[kind], last, m)
+                    run[0], feats, router_input = step(graphdef, state, x, cos[kind], sin[kind], masks[kind],
+                                                       last, m)
                     out.append((feats, router_input))
             del state  # the consumer waits for this layer's results before the next one is read
             yield out
@@ -272,12 +279,23 @@ def embed_algebra_gates(embed: np.ndarray, tokenizer: Any, experts: Sequence[tup
                         scale: float = 5.0) -> np.ndarray:
     """Gemma-2-MoE concept algebra: m(P) = mean over prompts of the mean embedding of its tokens
     (special tokens as the tokenizer adds them); v_e = m(pos) - 0.5 m(neg); W = scale * rownorm(V - mean_e V),
-    plus independent N(0, noise_std^2) noise per layer. Returns [L, E, H]."""
-    def m(prompts):
-        return np.mean([embed[np.asarray(tokenizer(p)["input_ids"])].astype(np.float32).mean(0)
-                        for p in prompts], axis=0)
+    plus independent N(0, noise_std^2) noise per layer. Returns [L, E, H].
 
-    v = np.stack([m(pos) - 0.5 * m(neg) if neg else m(pos) for pos, neg in experts])
+    An expert without positive prompts gets m(pos) = N(0, 1)^H, as the toolkit's `get_mean_embedding` does
+    (`torch.randn(hidden)`, against raw embedding rows: its transformers 4.x embedding module is unscaled), but
+    drawn from `rng` (the build's --seed: the toolkit's is unseeded): those vectors first, in expert order, then
+    the per-layer noise."""
+    def m(prompts):
+        rows = []
+        for p in prompts:
+            ids = np.asarray(tokenizer(p)["input_ids"])
+            if not ids.size:
+                raise ValueError(f"prompt {p!r} encodes to no tokens; write the prompt or remove it")
+            rows.append(embed[ids].astype(np.float32).mean(0))
+        return np.mean(rows, axis=0)
+
+    pos = [m(p) if p else rng.standard_normal(embed.shape[1]).astype(np.float32) for p, _ in experts]
+    v = np.stack([pe - 0.5 * m(neg) if neg else pe for pe, (_, neg) in zip(pos, experts)])
     w = scale * _normalize(v - v.mean(0, keepdims=True))
     return (w[None] + rng.normal(0.0, noise_std, (num_layers,) + w.shape)).astype(np.float32)
 
@@ -290,16 +308,20 @@ def random_gates(shape: tuple[int, ...], rng: np.random.Generator, uniform: bool
     return rng.standard_normal(shape).astype(np.float32)
 
 
-def gate_condition_numbers(router: np.ndarray) -> np.ndarray:
-    """Per layer, largest / smallest singular value of the [E, H] gate matrix."""
+def gate_condition_numbers(router: np.ndarray, rank_deficit: int = 0) -> np.ndarray:
+    """Per layer, largest / smallest singular value of the [E, H] gate matrix, over the subspace the routers
+    span by construction: the smallest `rank_deficit` singular values are left out (centred routers, whose
+    rows sum to zero before scaling, span E-1 dimensions: their E-th singular value is only the noise)."""
     s = np.linalg.svd(router.astype(np.float64), compute_uv=False)
-    return s[:, 0] / np.maximum(s[:, -1], 1e-30)
+    keep = max(1, s.shape[-1] - rank_deficit)
+    return s[:, 0] / np.maximum(s[:, keep - 1], 1e-30)
 
 
-def _gates(g: np.ndarray, n_experts: int, has_shared: bool) -> Gates:
-    """Split [L, N, H] gate vectors into routers and the shared expert's gate; warn about degenerate layers."""
+def _gates(g: np.ndarray, n_experts: int, has_shared: bool, rank_deficit: int = 0) -> Gates:
+    """Split [L, N, H] gate vectors into routers and the shared expert's gate; warn about degenerate layers
+    (conditioning judged on the subspace the routers span: `gate_condition_numbers`)."""
     router = np.ascontiguousarray(g[:, :n_experts])
-    cond = gate_condition_numbers(router)
+    cond = gate_condition_numbers(router, rank_deficit)
     bad = np.nonzero(cond > DEGENERATE_COND)[0]
     if n_experts > 1 and len(bad):
         log.warning("degenerate routing parameters in %d of %d layers (condition number up to %.3g > %.0f): "
@@ -352,7 +374,8 @@ def compute_gates(mode: str, experts: Sequence[Any], shared: Any | None,
                 reduce = "mean" if mode == "hidden_avg" else "last"
                 vecs.append(hidden_gate(enc, tokenizer, e.positive_prompts, e.negative_prompts, reduce, gate_input))
         g = np.stack(vecs, axis=1)
-    return _gates(g, len(experts), shared is not None)
+    # embed_algebra centres its routers over the experts: rank E-1 by construction, not a sign of similar prompts
+    return _gates(g, len(experts), shared is not None, rank_deficit=int(mode == "embed_algebra"))
 
 
 def fitted_gates(mode: str, experts: Sequence[Any], shared: Any | None, enc: PromptEncoder, tokenizer: Any) -> Gates:

@@ -4,7 +4,15 @@ from __future__ import annotations
 from jaxmoe.nn.config import ModelConfig
 
 FAMILY_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gemma": "Gemma", "gemma2": "Gemma 2",
-                "mixtral": "Mixtral", "qwen2_moe": "Qwen2-MoE", "gemma2_moe": "Gemma-2 MoE"}
+                "mixtral": "Mixtral", "qwen2_moe": "Qwen2-MoE", "gemma2_moe": "Gemma-2 MoE", "qwen3": "Qwen3",
+                "qwen3_moe": "Qwen3-MoE", "gemmoe": "GemMoE (Gemma MoE)", "gemma3": "Gemma 3",
+                "gemma3_moe": "Gemma 3 MoE"}
+# config.json's model_type where it is not our family name; families whose class ships as remote code -> its files.
+HF_MODEL_TYPES = {"gemma2_moe": "gemma2moe", "gemma3": "gemma3_text", "gemma3_moe": "gemma3moe"}
+REMOTE_FILES = {"gemma2_moe": ("configuration_gemma2moe.py", "modeling_gemma2moe.py"),
+                "gemmoe": ("configuration_gemmoe.py", "modeling_gemmoe.py"),
+                "gemma3_moe": ("configuration_gemma3moe.py", "modeling_gemma3moe.py", "configuration_gemmoe.py",
+                               "modeling_gemmoe.py")}
 
 
 def parameter_count(config: ModelConfig) -> tuple[int, int]:
@@ -16,6 +24,8 @@ def parameter_count(config: ModelConfig) -> tuple[int, int]:
         attn += d * (c.num_heads + 2 * c.num_kv_heads)
     if c.o_bias:
         attn += h
+    if c.qk_norm:
+        attn += 2 * d
     norms = h * (4 if c.sandwich_norms else 2)
     total = active = c.vocab_size * h * (1 if c.tie_word_embeddings else 2) + h
     for moe in c.moe_layers:
@@ -62,7 +72,7 @@ def _description(config: ModelConfig) -> str:
     total, active = parameter_count(c)
     name = FAMILY_NAMES.get(c.model_type, c.model_type)
     lines = [f"- Architecture: {name} (`model_type` "
-             f"`{'gemma2moe' if c.model_type == 'gemma2_moe' else c.model_type}`), {c.num_layers} layers, "
+             f"`{HF_MODEL_TYPES.get(c.model_type, c.model_type)}`), {c.num_layers} layers, "
              f"hidden size {c.hidden_size}, {c.num_heads} attention heads ({c.num_kv_heads} key/value heads), "
              f"vocabulary {c.vocab_size}."]
     if c.is_moe:
@@ -83,7 +93,7 @@ def _description(config: ModelConfig) -> str:
 
 
 def _usage(config: ModelConfig) -> str:
-    remote = config.model_type == "gemma2_moe"
+    remote = config.model_type in REMOTE_FILES
     trust = ", trust_remote_code=True" if remote else ""
     text = ("```python\n"
             "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
@@ -94,9 +104,10 @@ def _usage(config: ModelConfig) -> str:
             "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))\n"
             "```\n")
     if remote:
-        text += ("\ntransformers has no built-in Gemma-2 MoE class: `trust_remote_code=True` loads "
-                 "`configuration_gemma2moe.py` and `modeling_gemma2moe.py` from this directory (read them first; "
-                 "they import only torch and transformers).\n")
+        files = REMOTE_FILES[config.model_type]
+        text += (f"\ntransformers has no built-in {FAMILY_NAMES[config.model_type]} class: `trust_remote_code=True` "
+                 f"loads {', '.join(f'`{f}`' for f in files[:-1])} and `{files[-1]}` from this directory (read them "
+                 "first; they import only torch and transformers).\n")
     text += ("\nWith jaxmoe (JAX/Flax):\n\n```python\nimport converters\n\n"
              'model = converters.load("PATH/TO/THIS/MODEL")\n'
              "logits = model(input_ids)  # int32 [batch, tokens] -> [batch, tokens, vocab]\n```\n")

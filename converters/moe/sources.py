@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
+from converters.hub import display_name
+
 
 class MoERecipe(Protocol):
     """What these checks read of a `converters.moe.recipe.MoERecipe` (a protocol, not an import: the recipe
@@ -19,6 +21,7 @@ class MoERecipe(Protocol):
 
     base_model: str
     architecture: str | None
+    architecture_candidates: tuple[str, ...]
     dtype: str | None
     experts: Sequence[Any]
     shared_experts: Sequence[Any]
@@ -26,6 +29,7 @@ class MoERecipe(Protocol):
 
     def model_fields(self) -> Any: ...
     def error(self, field: str, message: str) -> Exception: ...
+    def settle_flavor(self, model_type: str) -> None: ...
 
 ReadConfig = Callable[[str], Mapping[str, Any]]
 
@@ -42,8 +46,13 @@ _OUTPUTS = (
     _Output("mixtral", frozenset({"llama", "mistral"}), 0),
     _Output("qwen2_moe", frozenset({"llama", "mistral", "qwen2"}), 1),
     _Output("gemma2_moe", frozenset({"gemma2"}), 0),
+    _Output("qwen3_moe", frozenset({"qwen3"}), 0),
+    _Output("gemmoe", frozenset({"gemma"}), 0),
+    _Output("gemma3_moe", frozenset({"gemma3_text"}), 0),
 )
-SOURCE_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma2")
+SOURCE_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma2", "qwen3", "gemma", "gemma3_text")
+# Gemma 1 and Gemma 3 sources each build one output (no mergekit-moe equivalent): source model_type -> it.
+_GEMMA_OUTPUTS = {"gemma": "gemmoe", "gemma3_text": "gemma3_moe"}
 SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
 _GEMMA2_NOT = "Gemma 2 sources build a gemma2moe (architecture: gemma2moe), not {}"
 
@@ -56,7 +65,7 @@ class OutputPlan:
     recipe's dtype, else the base config's (None when neither says); `warnings` are worth showing, not fatal.
     """
 
-    architecture: str  # "mixtral" | "qwen2_moe" | "gemma2_moe"
+    architecture: str  # "mixtral" | "qwen2_moe" | "gemma2_moe" | "qwen3_moe"
     num_experts: int
     experts_per_token: int
     has_shared_expert: bool
@@ -83,6 +92,7 @@ def validate_sources(recipe: MoERecipe, read_config: ReadConfig) -> OutputPlan:
 
     base = configs[recipe.base_model]
     base_type = _model_type(recipe, "base_model", base)
+    recipe.settle_flavor(base_type)  # a recipe whose keys fit both formats: the toolkit's over gemma2 sources
     for shape_field in SHAPE_FIELDS:
         if base.get(shape_field) is None:
             raise recipe.error("base_model", f"its config has no {shape_field}")
@@ -98,7 +108,7 @@ def validate_sources(recipe: MoERecipe, read_config: ReadConfig) -> OutputPlan:
     warnings = []
     sources = {e.source_model for e in recipe.experts}
     if len(recipe.experts) > 1 and len(sources) == 1:
-        warnings.append(f"all {len(recipe.experts)} experts copy one model ({Path(sources.pop()).name}): the "
+        warnings.append(f"all {len(recipe.experts)} experts copy one model ({display_name(sources.pop())}): the "
                         "MoE computes what that model computes until its router or experts are trained")
     n = len(recipe.experts)
     if architecture == "mixtral" and n & (n - 1):
@@ -111,10 +121,11 @@ def validate_sources(recipe: MoERecipe, read_config: ReadConfig) -> OutputPlan:
 
 def _check_path(recipe: MoERecipe, name: str, path: str) -> None:
     p = Path(path)
+    if not p.exists() and name in getattr(recipe, "hub_misses", {}):  # a Hub id: neither a path nor cached
+        raise recipe.error(name, recipe.hub_misses[name])
     if not p.exists():
         raise recipe.error(name, f"not found: {path} (relative paths are looked up next to the recipe, then in "
-                           "the current directory; jaxmoe reads local model directories and .gguf files, so "
-                           "download hub models first)")
+                           "the current directory; a Hub id org/name[@revision] in the local Hugging Face cache)")
     if p.is_file() and p.suffix.lower() != ".gguf":
         raise recipe.error(name, f"{path} is a file but not a .gguf; expected a Hugging Face model directory "
                            "or a .gguf file")
@@ -138,7 +149,7 @@ def _model_type(recipe: MoERecipe, name: str, cfg: Mapping[str, Any], supported_
     if supported_only and model_type not in SOURCE_MODEL_TYPES:
         raise recipe.error(name, f"model_type '{model_type}' cannot be an MoE source; supported: llama and "
                            "mistral (mixtral, or qwen2_moe with a shared expert), qwen2 (qwen2_moe), gemma2 "
-                           "(gemma2moe)")
+                           "(gemma2moe), qwen3 (qwen3_moe), gemma (gemmoe), gemma3_text (gemma3moe)")
     return model_type
 
 
@@ -160,11 +171,28 @@ def _check_shapes(recipe: MoERecipe, name: str, cfg: Mapping[str, Any], base: Ma
 def _choose_architecture(recipe: MoERecipe, model_type: str) -> str:
     """mergekit's choice (filter by `architecture:`, prefer Mixtral) or a RecipeError saying why none fits."""
     n_shared = len(recipe.shared_experts)
+    named = recipe.architecture_candidates or (recipe.architecture,)
     for out in _OUTPUTS:
-        if recipe.architecture in (None, out.name) and model_type in out.model_types \
+        if (recipe.architecture is None or out.name in named) and model_type in out.model_types \
                 and n_shared == out.shared_experts:
             return out.name
     wanted = recipe.architecture
+    if model_type == "qwen3" or (wanted == "qwen3_moe" and "qwen2_moe" not in named):
+        if model_type != "qwen3":
+            raise recipe.error("architecture", f"qwen3_moe is built from qwen3 sources, not {model_type}")
+        if n_shared:
+            raise recipe.error("shared_experts", "qwen3 sources build a Qwen3-MoE, which has no shared expert; "
+                               "remove shared_experts")
+        raise recipe.error("architecture", f"qwen3 sources build a Qwen3-MoE (architecture: qwen3), not {wanted}")
+    own = _GEMMA_OUTPUTS.get(model_type)
+    if own or wanted in _GEMMA_OUTPUTS.values():
+        if n_shared:
+            raise recipe.error("shared_experts", f"{own or wanted} has no shared expert; remove shared_experts")
+        if own is None:
+            source = next(k for k, v in _GEMMA_OUTPUTS.items() if v == wanted)
+            raise recipe.error("architecture", f"{wanted} is built from {source} sources, not {model_type}")
+        raise recipe.error("architecture", f"{model_type} sources build a {own} (architecture: "
+                           f"{own.replace('_', '')}), not {wanted}")
     if model_type == "gemma2" and wanted not in (None, "gemma2_moe"):
         raise recipe.error("architecture", _GEMMA2_NOT.format(wanted))
     if model_type != "gemma2" and wanted == "gemma2_moe":

@@ -13,7 +13,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = (
         "Build a Mixture-of-Experts model from dense checkpoints. RECIPE is mergekit-moe YAML (base_model, "
         "gate_mode, experts[] with source_model and prompts, ...) or the Gemma-2-MoE toolkit's YAML. Sources are "
-        "HF directories or .gguf files. Output: an HF directory that transformers loads (Mixtral, Qwen2-MoE; "
+        "HF directories, .gguf files or Hub ids (org/name[@revision], read from the local Hugging Face cache; set "
+        "JAXMOE_HUB_DOWNLOAD=1 to download missing ones). Output: an HF directory that transformers loads "
+        "(Mixtral, Qwen2-MoE, "
+        "Qwen3-MoE from Qwen3 sources; "
         "Gemma2-MoE with trust_remote_code=True). The output is written atomically: an interrupted build leaves "
         "no OUT_DIR.")
     p.add_argument("recipe", help="recipe YAML")

@@ -29,8 +29,9 @@ def parse_size(text: str) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `jaxmoe convert`."""
-    p.add_argument("input", metavar="IN", help="HF model directory, .gguf file or jaxmoe orbax checkpoint (a "
-                                               "`jaxmoe train` output_dir, its checkpoints/ or one step's folder)")
+    p.add_argument("input", metavar="IN", help="HF model directory, .gguf file, jaxmoe orbax checkpoint (a "
+                                               "`jaxmoe train` output_dir, its checkpoints/ or one step's folder) "
+                                               "or Hub id org/name[@revision] in the local Hugging Face cache")
     p.add_argument("output", metavar="OUT", help="output directory (must not exist unless --overwrite)")
     p.add_argument("--to", choices=("hf", "orbax", "gguf"), default="hf",
                    help="output format (default hf; gguf: a llama.cpp file, OUT ending in .gguf)")
@@ -85,7 +86,9 @@ def run(args: argparse.Namespace) -> int:
     from converters.load import open_source
     from jaxmoe.cli.errors import CliError
 
-    src, out = Path(args.input), Path(args.output)
+    from converters.hub import resolve_model
+
+    src, out = resolve_model(args.input), Path(args.output)  # a Hub id: its local Hugging Face cache snapshot
     max_shard = parse_size(args.shard_size)
     if out.exists() and not args.overwrite:
         raise CliError(f"{out} exists; pass --overwrite to replace it")

@@ -16,7 +16,8 @@ EVAL_BUCKET = 64  # widths of short data are multiples of this: few distinct sha
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `jaxmoe eval`."""
-    p.add_argument("model", metavar="MODEL", help="HF directory, .gguf file or jaxmoe orbax checkpoint")
+    p.add_argument("model", metavar="MODEL", help="HF directory, .gguf file, jaxmoe orbax checkpoint or Hub id "
+                   "org/name[@revision] in the local Hugging Face cache")
     p.add_argument("--data", nargs="+", required=True, metavar="FILE",
                    help="JSONL (a 'text' field per line) or plain text files (paragraphs are documents)")
     p.add_argument("--seq-len", type=int, default=None,
@@ -26,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="chunks per forward pass, at most (default 8; fewer when the text has fewer chunks)")
     p.add_argument("--max-sequences", type=int, default=None, help="score only the first N chunks")
     p.add_argument("--text-field", default="text", help="JSONL field with the text (default text)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory or Hub id (default: the model's; give "
+                   "the base model for checkpoints saved without tokenizer files)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="compute dtype (default: the checkpoint's)")
     p.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
@@ -44,7 +46,10 @@ def run(args: argparse.Namespace) -> int:
     if args.max_sequences is not None and args.max_sequences < 1:
         raise CliError(f"--max-sequences: must be positive, got {args.max_sequences}")
     check_files(args.data, "--data")
-    model, tokenizer, _ = load_model(args.model, args.dtype, args.tokenizer)
+    from converters.hub import resolve_model, resolve_optional
+
+    tok = resolve_optional(args.tokenizer)
+    model, tokenizer, _ = load_model(resolve_model(args.model), args.dtype, None if tok is None else str(tok))
     max_len = model.config.max_position_embeddings
     seq_len = args.seq_len if args.seq_len is not None else min(2048, max_len)
     if seq_len < 2:

@@ -14,8 +14,10 @@ from pathlib import Path
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `jaxmoe generate`."""
-    p.add_argument("model", help="HF model directory or .gguf file")
+    p.add_argument("model", help="HF model directory, .gguf file, orbax checkpoint or Hub id org/name[@revision] "
+                   "(from the local Hugging Face cache)")
     p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
+    add_tokenizer_argument(p)
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
@@ -25,6 +27,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="parameter dtype (default float32 on CPU, bfloat16 on accelerators)")
     p.add_argument("--mesh", default=None, help="device mesh spec, e.g. expert=4,data=2")
+
+
+TOKENIZER_HELP = ("tokenizer: an HF directory, .gguf file or Hub id (default: the model's own; for checkpoints "
+                  "saved without tokenizer files, such as the Gemma-2-MoE toolkit's, give the base model)")
+
+
+def add_tokenizer_argument(p: argparse.ArgumentParser) -> None:
+    """`--tokenizer PATH`, shared by the commands that encode text."""
+    p.add_argument("--tokenizer", default=None, metavar="PATH", help=TOKENIZER_HELP)
+
+
+def load_model_tokenizer(model: str | Path, tokenizer: str | None = None):
+    """The tokenizer of `tokenizer` (a path or Hub id) if given, else of the model at `model`; one line naming
+    --tokenizer when the model has none."""
+    from converters.errors import CheckpointError
+    from converters.hub import resolve_model
+    from converters.tokenizer import load_tokenizer
+    from jaxmoe.cli.errors import CliError
+
+    if tokenizer is not None:
+        return load_tokenizer(resolve_model(tokenizer))
+    try:
+        return load_tokenizer(model)
+    except CheckpointError as e:
+        raise CliError(f"{e}; pass --tokenizer PATH (e.g. the base model it was built from)") from None
 
 
 def _encode(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]:
@@ -79,12 +106,12 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     import converters
-    from converters.tokenizer import load_tokenizer
+    from converters.hub import resolve_model
     from jaxmoe.cli.errors import CliError
     from jaxmoe.generate import generate_full, left_pad
     from jaxmoe.parallel.mesh import make_mesh, use_mesh
 
-    path = Path(args.model)
+    path = resolve_model(args.model)  # a Hub id: its cached snapshot (HubError, one line, when there is none)
     if not path.exists():
         raise CliError(f"{path}: no such file or directory (expected an HF model directory, a .gguf file or a jaxmoe orbax checkpoint)")
     if args.max_new_tokens < 1:
@@ -95,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         model = converters.load(path, dtype=dtype, mesh=mesh)
     except NotImplementedError as e:
         raise CliError(f"--mesh: {e}") from None
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_model_tokenizer(path, args.tokenizer)
     seqs = _encode(tokenizer, args.prompt, args.chat)
     if any(not s for s in seqs):
         raise CliError("a prompt encodes to no tokens; give some text")

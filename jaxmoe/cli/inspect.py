@@ -11,7 +11,10 @@ DEFAULT_PROMPTS = ["Write a Python function that reverses a string.", "What is 1
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `jaxmoe inspect`."""
-    p.add_argument("model", help="MoE model: HF directory or .gguf file")
+    from jaxmoe.cli.generate import add_tokenizer_argument
+
+    p.add_argument("model", help="MoE model: HF directory, .gguf file or Hub id org/name[@revision]")
+    add_tokenizer_argument(p)
     p.add_argument("--prompts", help="text file, one prompt per line (default: four built-in prompts)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable; adds to --prompts)")
     p.add_argument("--heldout", metavar="FILE",
@@ -105,19 +108,21 @@ def heldout_report(model, tokenizer, path: str, names: list[str]) -> str:
 def run(args: argparse.Namespace) -> int:
     """Print the report; write PNG + text with --out."""
     import converters
-    from converters.moe.build import load_tokenizer
+    from converters.hub import resolve_model
     from converters.moe.recipe import model_expert_names
     from jaxmoe.cli.errors import CliError
+    from jaxmoe.cli.generate import load_model_tokenizer
 
     prompts = list(args.prompt)
     if args.prompts:
         prompts += [ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
     prompts = prompts or DEFAULT_PROMPTS
-    model = converters.load(args.model, dtype=args.dtype)
+    path = resolve_model(args.model)
+    model = converters.load(path, dtype=args.dtype)
     if not model.config.is_moe:
         raise CliError(f"{args.model}: model_type {model.config.model_type} has no experts to inspect")
-    names = model_expert_names(args.model, model.config.num_experts)
-    tokenizer = load_tokenizer(args.model)
+    names = model_expert_names(path, model.config.num_experts)
+    tokenizer = load_model_tokenizer(path, args.tokenizer)
     if args.heldout:
         from converters.moe.heldout import HeldoutError
 

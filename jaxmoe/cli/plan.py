@@ -17,7 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `jaxmoe plan`."""
     from jaxmoe.train.config import TRAINABLE
 
-    p.add_argument("model", help="HF directory, .gguf file, orbax checkpoint, or a name in configs/models/")
+    p.add_argument("model", help="HF directory, .gguf file, orbax checkpoint, a name in configs/models/, or a Hub "
+                   "id org/name[@revision] in the local Hugging Face cache")
     p.add_argument("--mesh", required=True, help="axis=size,... over data, fsdp, expert, tensor, or a preset "
                    "(v4-32, v5e-64, ...)")
     p.add_argument("--batch", type=int, default=1, help="rows decoded together, or sequences per training step")
@@ -40,7 +41,11 @@ def read_model_config(model: str):
     """The ModelConfig of a checkpoint path (configuration only) or of a name in configs/models/."""
     from jaxmoe.cli.errors import CliError
 
+    from converters.hub import parse_hub_id, resolve_model
+
     path = Path(model)
+    if not path.exists() and not (MODEL_DIR / f"{model}.json").is_file() and parse_hub_id(model):
+        path = resolve_model(model)  # HubError (one line) when it is in neither place
     if path.exists():
         from converters.load import open_source
 

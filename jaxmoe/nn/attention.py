@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmoe.nn.config import ModelConfig
+from jaxmoe.nn.norm import RMSNorm
 from jaxmoe.nn.rope import apply_rope
 from jaxmoe.parallel.rules import constrain
 
@@ -76,6 +77,9 @@ class Attention(nnx.Module):
             self.v_bias = nnx.Param(jnp.zeros((kv, d), dtype), axes=("kv", "head_dim"))
         if config.o_bias:
             self.o_bias = nnx.Param(jnp.zeros((h,), dtype), axes=("embed",))
+        if config.qk_norm:  # one weight [d] shared by all heads; (1 + w) when the family's norms are offset
+            self.q_norm = RMSNorm(d, config.rms_norm_eps, config.norm_offset, dtype)
+            self.k_norm = RMSNorm(d, config.rms_norm_eps, config.norm_offset, dtype)
         self.num_heads, self.num_kv_heads = n, kv
         self.scale = config.attn_scale
         self.softcap = config.attn_logit_softcap
@@ -93,6 +97,8 @@ class Attention(nnx.Module):
         v = jnp.einsum("bth,hnd->btnd", x, self.v_proj[...])
         if hasattr(self, "q_bias"):
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q = constrain(q, ("batch", "length", "act_heads", "head_dim"))
         k = constrain(k, ("batch", "length", "act_kv", "head_dim"))

@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "mixtral", "qwen2_moe", "gemma2_moe")
+FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "mixtral", "qwen2_moe", "gemma2_moe", "qwen3",
+            "qwen3_moe", "gemmoe", "gemma3", "gemma3_moe")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -33,6 +34,9 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: tuple[tuple[str, Any], ...] = ()  # rope_parameters minus theta, as sorted items
+    # Gemma 3: sliding layers rotate with this base and no scaling (the full layers keep rope_theta and
+    # rope_scaling); None: every layer uses rope_theta/rope_scaling.
+    rope_local_theta: float | None = None
     activation: str = "silu"  # silu | gelu_tanh | gelu
     norm_offset: bool = False  # Gemma RMSNorm multiplies by (1 + w), in float32
     embed_scale: bool = False  # Gemma scales embeddings by sqrt(H) rounded to the param dtype
@@ -45,6 +49,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     o_bias: bool = False
+    qk_norm: bool = False  # Qwen 3 / Gemma 3: RMSNorm each q and k head over head_dim, before RoPE
     # Mixture of experts (num_experts == 0: dense).
     num_experts: int = 0
     num_experts_per_tok: int = 2

@@ -94,17 +94,19 @@ class Output(NamedTuple):
 
 def prologue(c: ModelConfig, embed: jax.Array, input_ids: jax.Array, positions: jax.Array, q_slots: jax.Array,
              k_valid: jax.Array, place: Callable[[jax.Array], jax.Array] = lambda v: v
-             ) -> tuple[jax.Array, jax.Array, jax.Array, dict[str, jax.Array | None]]:
-    """What the model computes before its first layer: the (scaled) embeddings x, the rotary tables for
-    `positions`, and the attention masks per layer type for queries in `q_slots` over keys `k_valid`.
-    `place` lays out the embeddings (a sharding constraint under a mesh)."""
+             ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array], dict[str, jax.Array | None]]:
+    """What the model computes before its first layer: the (scaled) embeddings x, and per layer type ("full",
+    "sliding") the rotary tables cos, sin for `positions` (Gemma 3's sliding layers have a base of their own)
+    and the attention masks for queries in `q_slots` over keys `k_valid`. `place` lays out the embeddings (a
+    sharding constraint under a mesh)."""
     masks = {"full": make_mask(q_slots, k_valid, None),
              "sliding": make_mask(q_slots, k_valid, c.sliding_window) if c.sliding_window else None}
     x = place(embed[input_ids])
     if c.embed_scale:
         x = x * jnp.asarray(math.sqrt(c.hidden_size), embed.dtype)
     cos, sin = rope_cos_sin(c, positions, x.dtype)
-    return x, cos, sin, masks
+    local = rope_cos_sin(c, positions, x.dtype, local=True) if c.rope_local_theta is not None else (cos, sin)
+    return x, {"full": cos, "sliding": local[0]}, {"full": sin, "sliding": local[1]}, masks
 
 
 class DecoderLayer(nnx.Module):
@@ -281,26 +283,30 @@ class Transformer(nnx.Module):
 
 
 class _Run(NamedTuple):
-    """What every layer of one forward pass shares: rotary tables, masks, the cache index, remat policy."""
+    """What every layer of one forward pass shares: rotary tables and masks per layer type, the cache index,
+    remat policy."""
 
-    cos: jax.Array
-    sin: jax.Array
+    cos: dict[str, jax.Array]
+    sin: dict[str, jax.Array]
     masks: dict[str, jax.Array | None]
     start: jax.Array
     fresh: bool
     remat: str
 
-    def mask(self, sliding: jax.Array | bool) -> jax.Array:
-        """The attention mask of a layer: the sliding-window one where `sliding` (a scanned flag) is set."""
-        if self.masks["sliding"] is None or sliding is False:
-            return self.masks["full"]
+    @staticmethod
+    def pick(tables: dict[str, jax.Array | None], sliding: jax.Array | bool) -> jax.Array:
+        """A layer's entry of a per-layer-type table (mask or rotary table): the "sliding" one where `sliding`
+        (a Python bool, or a scanned flag inside a stack of mixed layers) is set."""
+        if tables["sliding"] is None or tables["sliding"] is tables["full"] or sliding is False:
+            return tables["full"]
         if sliding is True:
-            return self.masks["sliding"]
-        return jnp.where(sliding, self.masks["sliding"], self.masks["full"])
+            return tables["sliding"]
+        return jnp.where(sliding, tables["sliding"], tables["full"])
 
     def layer(self, layer: DecoderLayer, x: jax.Array, sliding, cache):
         """One decoder layer, its output constrained to the residual layout."""
-        x, rl, cache, m_in = layer(x, self.cos, self.sin, self.mask(sliding), cache, self.start, self.fresh)
+        cos, sin, mask = self.pick(self.cos, sliding), self.pick(self.sin, sliding), self.pick(self.masks, sliding)
+        x, rl, cache, m_in = layer(x, cos, sin, mask, cache, self.start, self.fresh)
         return constrain(x, RESIDUAL), rl, cache, m_in
 
     def scan(self, stack: DecoderLayer, x: jax.Array, sliding: Sequence[bool], cache, keep_hidden: bool):

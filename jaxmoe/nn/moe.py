@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmoe.kernels.backend import default_kernel, grouped_experts
+from jaxmoe.kernels.backend import check_kernel, default_kernel, grouped_experts
 from jaxmoe.kernels.grouped import Experts, stack_experts
 from jaxmoe.nn.config import ModelConfig
 from jaxmoe.nn.mlp import MLP, gated_activation
@@ -60,9 +60,11 @@ class MoEBlock(nnx.Module):
         self.activation = config.activation
         self.set_impl("grouped")
 
-    def set_impl(self, impl: str, *, dispatch: str = "auto", capacity_factor: float | None = None) -> None:
+    def set_impl(self, impl: str, *, kernel: str | None = None, dispatch: str = "auto",
+                 capacity_factor: float | None = None) -> None:
         """Choose how the experts are computed: one of MOE_IMPLS (ValueError naming the choices otherwise).
-        The grouped kernel for the backend is chosen here, once (`kernel`); `dispatch` (one of
+        The grouped kernel for the backend is chosen here, once (`kernel`: None takes `default_kernel`, else
+        one of `jaxmoe.kernels.backend.KERNELS`, e.g. the training kernel); `dispatch` (one of
         `jaxmoe.parallel.expert_parallel.DISPATCHES`, 'auto' resolved here) and `capacity_factor` (None:
         dropless) apply to 'expert_parallel' only."""
         if impl not in MOE_IMPLS:
@@ -72,7 +74,7 @@ class MoEBlock(nnx.Module):
         dispatch = resolve_dispatch(dispatch)
         check_capacity_factor(capacity_factor)
         self.impl = impl
-        self.kernel = default_kernel()
+        self.kernel = check_kernel(kernel) if kernel is not None else default_kernel()
         self.dispatch = dispatch
         self.capacity_factor = capacity_factor
 

@@ -32,8 +32,12 @@ def inv_frequencies(config: ModelConfig) -> np.ndarray:
     return inv
 
 
-def rope_cos_sin(config: ModelConfig, positions: jax.Array, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
-    """cos/sin of shape [B, T, head_dim] for integer positions [B, T], cast to the activation dtype."""
+def rope_cos_sin(config: ModelConfig, positions: jax.Array, dtype: jnp.dtype, local: bool = False
+                 ) -> tuple[jax.Array, jax.Array]:
+    """cos/sin of shape [B, T, head_dim] for integer positions [B, T], cast to the activation dtype. `local`:
+    the tables of sliding layers, whose base is `rope_local_theta` (unscaled) when the config sets one."""
+    if local and config.rope_local_theta is not None:
+        config = config.replace(rope_theta=config.rope_local_theta, rope_scaling=())
     inv = jnp.asarray(inv_frequencies(config))
     freqs = positions.astype(jnp.float32)[..., None] * inv
     emb = jnp.concatenate([freqs, freqs], axis=-1)

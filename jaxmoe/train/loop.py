@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxmoe.kernels.backend import training_kernel
 from jaxmoe.nn.model import Transformer
 from jaxmoe.parallel.mesh import use_mesh
 from jaxmoe.train.checkpoint import (CheckpointMismatch, Checkpointer, config_difference, config_from_json,
@@ -59,7 +60,8 @@ class Trainer:
                                    f"max_position_embeddings {c.max_position_embeddings}")
         self.mesh = mesh
         if mesh is None:
-            model.set_moe_impl(cfg.moe_impl)
+            # the backend's training kernel: on CPU one whose backward keeps residuals for the routed rows only
+            model.set_moe_impl(cfg.moe_impl, **({"kernel": training_kernel()} if cfg.moe_impl == "grouped" else {}))
         else:
             from jaxmoe.parallel.placement import shard_model
 
