@@ -79,9 +79,10 @@ def test_missing_id_is_one_line_naming_both_places(cache, tmp_path, monkeypatch,
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(HubError, match="HF_HUB_OFFLINE is set"):
         resolve_model("org/absent")
-    assert cli(["generate", "org/absent", "--prompt", "hi"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "not in the Hugging Face cache" in err
+    for argv in (["generate", "org/absent", "--prompt", "hi"], ["serve", "org/absent"]):
+        assert cli(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "not in the Hugging Face cache" in err, argv
 
 
 def test_download_only_when_allowed(cache, monkeypatch, tmp_path):

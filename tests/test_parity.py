@@ -11,7 +11,7 @@ import converters
 from tests.tiny_models import TINY, WINDOW, hf_logits, load_hf_model
 
 SEQ = 2 * WINDOW + 5  # longer than twice the sliding window
-MOE = {"mixtral", "qwen2_moe"}
+MOE = {"mixtral", "qwen2_moe", "qwen3_moe"}
 # transformers 4.x rounds the MoE routing weights to bf16 before weighting the experts; 5.x, like jaxmoe, weights in
 # float32 (reference/moe-building.md sections 4.3-4.5). Rounded differently, two bf16 runs can pick different experts
 # where two are near-tied, and that token's logits then move by a whole routing flip. On 4.x at most one token in 20
@@ -36,7 +36,8 @@ def test_float32_logits_match_transformers(tiny_hf, name):
     assert np.abs(ours - ref).max() <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral_sw", "gemma", "gemma2", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("name", ["llama", "mistral_sw", "gemma", "gemma2", "mixtral", "qwen2_moe", "qwen3",
+                                  "qwen3_moe"])
 def test_bfloat16_as_close_as_transformers_own_rounding(tiny_hf, name):
     """bf16 keeps 8 mantissa bits, so each rounding moves a value by up to 2^-8 relative and the
     differences compound through the layers. The fair bound is transformers' own bf16 error: ours,

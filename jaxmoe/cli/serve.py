@@ -10,7 +10,10 @@ from pathlib import Path
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `jaxmoe serve`."""
-    p.add_argument("model", help="HF model directory, .gguf file or jaxmoe orbax checkpoint")
+    from jaxmoe.cli.generate import add_tokenizer_argument
+
+    p.add_argument("model", help="HF model directory, .gguf file, jaxmoe orbax checkpoint, or a Hub id "
+                                 "org/name[@revision] found in the local Hugging Face cache")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--max-batch", type=int, default=8, help="decode slots: requests generated at once (default 8)")
@@ -23,13 +26,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: MODEL's name)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="parameter dtype (default float32 on CPU, bfloat16 on accelerators)")
+    add_tokenizer_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the model and tokenizer, then serve until SIGTERM."""
+    from converters.hub import resolve_model
     from jaxmoe.cli.errors import CliError
+    from jaxmoe.cli.generate import load_model_tokenizer
 
-    path = Path(args.model)
+    path = resolve_model(args.model)  # a Hub id: its cached snapshot (one-line HubError when there is none)
     if not path.exists():
         raise CliError(f"{path}: no such file or directory (expected an HF model directory, a .gguf file or a "
                        "jaxmoe orbax checkpoint)")
@@ -41,7 +47,6 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     import converters
-    from converters.tokenizer import load_tokenizer
     from jaxmoe.parallel.mesh import make_mesh, use_mesh
     from jaxmoe.serve.server import serve
 
@@ -55,11 +60,11 @@ def run(args: argparse.Namespace) -> int:
     if not 2 <= args.max_seq_len <= limit:
         raise CliError(f"--max-seq-len must be in 2..{limit} (the model's max_position_embeddings), "
                        f"got {args.max_seq_len}")
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_model_tokenizer(path, args.tokenizer)
     eos = set(model.config.eos_token_id)
     if tokenizer.eos_token_id is not None:
         eos.add(int(tokenizer.eos_token_id))
-    name = args.served_model_name or path.name.removesuffix(".gguf")
+    name = args.served_model_name or (args.model if path != Path(args.model) else path.name.removesuffix(".gguf"))
 
     def ready(info: dict) -> None:
         print(f"jaxmoe serve: ready on http://{info['host']}:{info['port']} ({info['model']}; "
