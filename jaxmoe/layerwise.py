@@ -47,14 +47,21 @@ def per_layer_cache(cache: KVCache) -> KVCache:
                    cache.valid, cache.index)
 
 
+def _extend_prologue(config, _, leaves, ids, positions, mask, valid, index):
+    """Embeddings of tokens ids [B, T] that go to cache slots index.., rotary tables, and masks over the cache
+    slots after writing theirs (mask: which of them are real)."""
+    (embed,) = leaves
+    b, t = ids.shape
+    q_slots = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
+    valid = jax.lax.dynamic_update_slice(valid, mask, (0, index))
+    x, cos, sin, masks = prologue(config, embed, ids, positions, q_slots, valid)
+    return x, cos, sin, masks, valid
+
+
 def _decode_prologue(config, _, leaves, token, position, valid, index):
     """Embedding of this step's token, rotary tables, masks over the cache slots (after writing this slot)."""
-    (embed,) = leaves
-    b = token.shape[0]
-    q_slots = jnp.broadcast_to(index, (b, 1))
-    valid = jax.lax.dynamic_update_slice(valid, jnp.ones((b, 1), bool), (0, index))
-    x, cos, sin, masks = prologue(config, embed, token[:, None], position[:, None], q_slots, valid)
-    return x, cos, sin, masks, valid
+    return _extend_prologue(config, _, leaves, token[:, None], position[:, None],
+                            jnp.ones((token.shape[0], 1), bool), valid, index)
 
 
 def _prefill_prologue(config, _, leaves, ids, positions, mask, *, length: int):
@@ -192,3 +199,32 @@ class LayerwiseStep(_Programs):
         nxt, position, done, step, index, logits = self.head(self.head_args[2], x, position, done, key, step,
                                                              cache.index, *scalars)
         return nxt, position, done, step, KVCache(tuple(ks), tuple(vs), valid, index), logits
+
+
+class LayerwiseExtend(_Programs):
+    """Tokens appended to a cache that already holds keys (a prompt after its cached prefix), layer by layer:
+    called as extend(cache, ids, positions, mask) -> the per-layer cache with ids [B, T] written at its index
+    and the index moved past them. The input cache is not donated (it is reused)."""
+
+    def __init__(self, model: Transformer, cache: KVCache, ids: Any, positions: Any, mask: Any,
+                 executable: Callable[..., tuple[Any, float, float]]):
+        c = model.config
+        self.kinds, self.layers, self.embed = c.layer_types, _layer_programs(model), model.embed[...]
+        self.t = ids.shape[1]
+        pro_args = (c, None, [self.embed], ids, positions, mask, cache.valid, cache.index)
+        self.pro = self._get(executable, "prefill", _extend_prologue, {}, pro_args)
+        x, cos, sin, masks, _ = jax.eval_shape(functools.partial(_extend_prologue, c, None), *pro_args[2:])
+        self.layer_exes = [self._get(executable, "prefill_layer", _decode_layer, {},
+                                     (graphdef, treedef, leaves, x, cos[kind], sin[kind], masks[kind], k, v,
+                                      cache.index))
+                           for (graphdef, treedef, leaves), kind, k, v in zip(self.layers, self.kinds, cache.k,
+                                                                               cache.v)]
+
+    def __call__(self, cache: KVCache, ids, positions, mask) -> KVCache:
+        x, cos, sin, masks, valid = self.pro([self.embed], ids, positions, mask, cache.valid, cache.index)
+        ks, vs = [], []
+        for exe, (_, _, leaves), kind, k, v in zip(self.layer_exes, self.layers, self.kinds, cache.k, cache.v):
+            x, k, v = exe(leaves, x, cos[kind], sin[kind], masks[kind], k, v, cache.index)
+            ks.append(k)
+            vs.append(v)
+        return KVCache(tuple(ks), tuple(vs), valid, cache.index + self.t)

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +22,8 @@ import pytest
 import converters
 from jaxmoe.generate import generate, left_pad
 from jaxmoe.serve.engine import Engine, QueueFull, Request, Sampling, _held_back
+from jaxmoe.parallel.mesh import make_mesh, use_mesh
+from jaxmoe.serve.slots import DecodeSlots, chat_preamble
 from tests.tiny_models import make_tiny
 from tests.tiny_tokenizer import make_tokenizer
 
@@ -197,6 +200,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     metrics = httpx.get(url + "/metrics").text
     assert 'jaxmoe_requests_total{outcome="http_401"} 2' in metrics
     assert "jaxmoe_batch_slots 4" in metrics and "jaxmoe_queue_depth 0" in metrics
+    assert "jaxmoe_prompt_tokens_cached_total 3" in metrics  # the chat preamble "<s> user :" of the one chat
 
 
 def test_disconnect_cancels_then_sigterm_drains_and_exits_0(server):
@@ -250,6 +254,48 @@ def test_queue_limit_and_stop_string_hold_back():
     # "the cat" may become "the cats!" (stop "ts!"): 1 character held back; none when nothing matches.
     assert _held_back("the cat", ["ts!"]) == 1 and _held_back("the cat", ["dog", "at!"]) == 2
     assert _held_back("the cow", ["ts!"]) == 0
+
+
+@pytest.mark.parametrize("mesh", [None, "expert=4,data=2"])
+def test_cached_prefix_gives_the_tokens_of_a_whole_prefill(model_dir, mesh):
+    """Prompts that begin with the cached prefix prefill only the rest, yet every request gets offline greedy
+    tokens; prompts without it, or with nothing after it but their last token, take the whole prefill. On one
+    CPU device the rest runs layer by layer, on a mesh as one program."""
+    tok = make_tokenizer()
+    assert chat_preamble(tok) == tok("<s> user : ", add_special_tokens=False)["input_ids"] == [1, 3, 23]
+    prefix = [1, 3, 23, 40, 41, 7]
+    rng = np.random.default_rng(5)
+    prompts = [prefix + rng.integers(3, 128, int(n)).tolist() for n in (2, 3, 5, 9, 14, 20)]
+    prompts += [prefix + [9], rng.integers(3, 128, 7).tolist(), prefix[:4] + [50, 60]]
+    budgets = [int(b) for b in rng.integers(2, 6, len(prompts))]
+    ids, mask = left_pad(prompts, 0)
+    ref = generate(converters.load(model_dir), ids, max(budgets), attention_mask=mask, eos_token_id=EOS,
+                   pad_token_id=0)[:, ids.shape[1]:]
+    mesh = make_mesh(mesh) if mesh else None
+    with use_mesh(mesh):
+        slots = DecodeSlots(converters.load(model_dir, mesh=mesh), 4 if mesh else 3, 32, prefix=prefix)
+    assert sorted(slots.after_prefix) == [16]  # 6 + 32 - 1 slots would not fit before the write index
+    engine = Engine(slots, tok, [EOS])
+    got = [[] for _ in prompts]
+    done = [threading.Event() for _ in prompts]
+
+    def listen(i):
+        def on_event(e):
+            got[i] += e.token_ids
+            if e.finish_reason is not None:
+                done[i].set()
+        return on_event
+
+    engine.start()
+    for i, p in enumerate(prompts):
+        engine.submit(Request(p, Sampling(budgets[i]), listen(i)))
+    assert all(d.wait(60) for d in done)
+    engine.stop()
+    for i in range(len(prompts)):
+        want = ref[i, :budgets[i]].tolist()
+        assert got[i] == (want[:want.index(EOS)] if EOS in want else want), i
+    assert slots.prefix_hits == 5  # the 20-token rest needs bucket 32: whole prefill
+    assert engine.metrics.cached_prompt_tokens == 5 * len(prefix)
 
 
 def test_two_processes_serve_the_same_tokens_as_one(server, two_hosts):

@@ -26,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: MODEL's name)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="parameter dtype (default float32 on CPU, bfloat16 on accelerators)")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="prefill every prompt whole (default: the chat template's preamble is prefilled once at "
+                        "start and reused by every prompt that begins with it)")
     add_tokenizer_argument(p)
 
 
@@ -69,8 +72,9 @@ def run(args: argparse.Namespace) -> int:
     def ready(info: dict) -> None:
         print(f"jaxmoe serve: ready on http://{info['host']}:{info['port']} ({info['model']}; "
               f"{info['max_batch']} slots, max_seq_len {info['max_seq_len']}, prompt buckets "
-              f"{info['prompt_buckets']})", file=sys.stderr, flush=True)
+              f"{info['prompt_buckets']}, cached prefix {info['cached_prefix_tokens']} tokens)", file=sys.stderr,
+              flush=True)
 
     with use_mesh(mesh):
         return serve(model, tokenizer, name, sorted(eos), args.host, args.port, args.max_batch, args.max_seq_len,
-                     args.api_key, args.max_queue, ready)
+                     args.api_key, args.max_queue, ready, args.prefix_cache)

@@ -187,7 +187,7 @@ class Engine:
                 self._finish(req, "cancelled")
                 continue
             s = req.sampling
-            self.device.insert(row, req.prompt)
+            self.metrics.cached_prompt_tokens += self.device.insert(row, req.prompt)
             self.rows[row] = req
             self.tokens[row], self.positions[row] = req.prompt[-1], len(req.prompt) - 1
             self.params.temperature[row], self.params.top_p[row] = s.temperature, s.top_p

@@ -38,6 +38,7 @@ class Metrics:
         self.slots = slots
         self.requests: collections.Counter = collections.Counter()  # by finish reason or HTTP error status
         self.prompt_tokens = self.generated_tokens = self.steps = 0
+        self.cached_prompt_tokens = 0  # prompt tokens taken from the cached prefix instead of prefilled
         self.active = self.queue_depth = 0
         self.occupancy_sum = 0  # active rows summed over steps: mean occupancy = occupancy_sum / (steps * slots)
         self.ttft, self.latency, self.step_time = Histogram(), Histogram(), Histogram()
@@ -73,6 +74,7 @@ class Metrics:
             lines = [f"# TYPE {p}requests_total counter"]
             lines += [f'{p}requests_total{{outcome="{k}"}} {v}' for k, v in sorted(self.requests.items())]
             for name, value, kind in (("prompt_tokens_total", self.prompt_tokens, "counter"),
+                                      ("prompt_tokens_cached_total", self.cached_prompt_tokens, "counter"),
                                       ("generation_tokens_total", self.generated_tokens, "counter"),
                                       ("decode_steps_total", self.steps, "counter"),
                                       ("batch_slots", self.slots, "gauge"),

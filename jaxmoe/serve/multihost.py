@@ -52,10 +52,10 @@ class Broadcaster:
             msg[-1] = params is not None
         _broadcast(self.slots, msg)
 
-    def insert(self, row: int, prompt: np.ndarray) -> None:
-        """Send, then insert here."""
+    def insert(self, row: int, prompt: np.ndarray) -> int:
+        """Send, then insert here (the prompt tokens taken from the cached prefix)."""
         self._send(INSERT, row, prompt)
-        self.slots.insert(row, prompt)
+        return self.slots.insert(row, prompt)
 
     def step(self, tokens: np.ndarray, positions: np.ndarray, params: SlotParams | None) -> np.ndarray:
         """Send, then step here."""

@@ -15,28 +15,31 @@ import jax
 from jaxmoe.serve.app import Api, create_app
 from jaxmoe.serve.engine import Engine
 from jaxmoe.serve.multihost import Broadcaster, follow
-from jaxmoe.serve.slots import DecodeSlots, describe
+from jaxmoe.serve.slots import DecodeSlots, chat_preamble, describe
 
 log = logging.getLogger(__name__)
 
 
 def build_engine(model, tokenizer, eos_ids: Sequence[int], max_batch: int, max_seq_len: int,
-                 max_queue: int = 256) -> Engine:
+                 max_queue: int = 256, prefix_cache: bool = True) -> Engine:
     """Decode slots for `model` (every program compiled now) and a scheduler over them, not yet started. On a
-    multi-host job call it on every process; process 0's engine broadcasts each call to the others."""
-    slots = DecodeSlots(model, max_batch, max_seq_len)
+    multi-host job call it on every process; process 0's engine broadcasts each call to the others.
+    prefix_cache: prefill the chat template's preamble once (`chat_preamble`) for every prompt that starts
+    with it."""
+    prefix = chat_preamble(tokenizer) if prefix_cache else []
+    slots = DecodeSlots(model, max_batch, max_seq_len, prefix=prefix)
     device = Broadcaster(slots) if jax.process_count() > 1 else slots
     return Engine(device, tokenizer, eos_ids, max_queue)
 
 
 def serve(model, tokenizer, model_name: str, eos_ids: Sequence[int], host: str = "127.0.0.1", port: int = 8000,
           max_batch: int = 8, max_seq_len: int = 1024, api_key: str | None = None, max_queue: int = 256,
-          on_ready: Callable[[dict[str, Any]], None] | None = None) -> int:
+          on_ready: Callable[[dict[str, Any]], None] | None = None, prefix_cache: bool = True) -> int:
     """Serve `model` over the OpenAI API until SIGTERM/SIGINT; returns 0 after draining. `on_ready(info)` is
     called (on process 0) once every program is compiled and the port is about to open."""
     import uvicorn
 
-    engine = build_engine(model, tokenizer, eos_ids, max_batch, max_seq_len, max_queue)
+    engine = build_engine(model, tokenizer, eos_ids, max_batch, max_seq_len, max_queue, prefix_cache)
     slots = engine.device if isinstance(engine.device, DecodeSlots) else engine.device.slots
     if jax.process_index() != 0:
         steps = follow(slots)

@@ -10,13 +10,19 @@ the end of the row, invalid. When the index reaches
 the end of the cache every row is shifted left by `margin` slots (`compact`): a row holds at most
 `max_seq_len - 1` real tokens, so nothing real is lost, and the next `margin` steps have room.
 
+A shared prompt prefix (the chat template's preamble, `chat_preamble`) is prefilled once at start: a prompt
+that begins with it prefills only the rest, appended to a copy of the prefix's keys and values, [prefix | pads |
+rest]. The pads between them are invalid slots, harmless where attention is full (masks read `valid`, rotary
+positions are explicit); a model with sliding-window layers shorter than the cache takes no prefix, since its
+window counts slots.
+
 Decode steps are `jaxmoe.generate`'s (layer by layer on one CPU device, scanned on a mesh) with in-step greedy
 selection; rows that sample draw afterwards in `sample_rows` with their own temperature, top-k, top-p and seed.
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +30,8 @@ import numpy as np
 from flax import nnx
 
 from jaxmoe.generate import _decode, _executable, _prefill, unrolled_decoder
-from jaxmoe.layerwise import SCRATCH_REUSE_LIMIT, LayerwisePrefill, LayerwiseStep, per_layer_cache
+from jaxmoe.layerwise import (SCRATCH_REUSE_LIMIT, LayerwiseExtend, LayerwisePrefill, LayerwiseStep,
+                              per_layer_cache)
 from jaxmoe.nn.model import KVCache
 from jaxmoe.parallel.mesh import use_mesh
 from jaxmoe.parallel.placement import placed_mesh, replicate, shard_cache
@@ -93,6 +100,52 @@ def _insert(cache: KVCache, part: KVCache, row: jax.Array, *, mesh, config) -> K
     return out if mesh is None else shard_cache(out, mesh, config)
 
 
+def _extend(graphdef, treedef, leaves, cache: KVCache, ids, positions, mask, *, mesh) -> KVCache:
+    """`cache` (holding a prompt prefix, index after it) with the prompt's remaining tokens written after it."""
+    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+    out = model.forward(ids, positions, mask, cache).cache
+    return out if mesh is None else shard_cache(out, mesh, model.config)
+
+
+def _seeded(prefix: KVCache, length: int) -> KVCache:
+    """A batch-1 cache of `length` slots whose first slots hold `prefix` (all valid), index after it."""
+    a = prefix.valid.shape[1]
+
+    def pad(x, axis):
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, length - a)
+        return jnp.pad(x, widths)
+
+    return KVCache(tuple(pad(k, -1) for k in prefix.k), tuple(pad(v, -2) for v in prefix.v), pad(prefix.valid, 1),
+                   prefix.index)
+
+
+def _common(*seqs: Sequence) -> int:
+    """The length of the longest common prefix of the sequences."""
+    n = 0
+    while all(n < len(x) for x in seqs) and all(x[n] == seqs[0][n] for x in seqs):
+        n += 1
+    return n
+
+
+def chat_preamble(tokenizer: Any) -> list[int]:
+    """The token ids every chat prompt of `tokenizer`'s template begins with (its system preamble and the
+    start of the user turn); [] without a template. Two one-message chats are rendered; the text they share is
+    tokenized alone, and the ids it shares with both renders are the preamble (so a token that could merge
+    with the user's text, or an unknown word that looks alike in both, is not part of it)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+
+    def encode(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                           tokenize=False) for text in ("Hello there.", "7 + 5 = ?")]
+    shared = encode(texts[0][:_common(*texts)])
+    renders = [encode(t) for t in texts]
+    return shared[:_common(shared, *renders)]
+
+
 def _compact(cache: KVCache, *, margin: int, mesh, config) -> KVCache:
     """Every row shifted `margin` slots left; the slots that wrap around are marked empty."""
     roll = lambda a, axis: jnp.roll(a, -margin, axis=axis)  # noqa: E731
@@ -109,7 +162,8 @@ class DecodeSlots:
     the next token of each ([B] int32 on the host). Every executable is compiled in the constructor (`warm`),
     so serving never compiles. On a multi-host mesh every process calls the same methods in the same order."""
 
-    def __init__(self, model, max_batch: int, max_seq_len: int, margin: int | None = None):
+    def __init__(self, model, max_batch: int, max_seq_len: int, margin: int | None = None,
+                 prefix: Any = ()):
         if max_batch < 2:
             raise ValueError(f"max_batch must be >= 2, got {max_batch}")
         if max_seq_len < 2 or max_seq_len > model.config.max_position_embeddings:
@@ -121,6 +175,11 @@ class DecodeSlots:
         self.length = max_seq_len + self.margin
         self.mesh = mesh = placed_mesh(model)
         self.buckets = prompt_buckets(max_seq_len)
+        windows = [c.sliding_window for t in c.layer_types if t == "sliding"]
+        # The prefix's keys and values, computed once (`warm`); none where a sliding window would see the pads.
+        self.prefix = np.asarray(prefix if not windows or min(windows) >= max_seq_len + self.margin else (),
+                                 np.int32)
+        self.prefix_hits = 0
         graphdef, state = nnx.split(model)
         self.leaves, treedef = jax.tree.flatten(state)
         self._model_args = (graphdef, treedef, self.leaves)
@@ -189,11 +248,38 @@ class DecodeSlots:
         self.compactor = self._jit(functools.partial(_compact, margin=self.margin, mesh=mesh, config=c), aval,
                                    donate=(0,))
         self.prefills, self.inserts = {}, {}
+        insert = functools.partial(_insert, mesh=mesh, config=c)
         for bucket in self.buckets:
-            self.prefills[bucket] = prefill = self._prefill_program(bucket)
-            part = self._empty(1, bucket - 1)
-            self.inserts[bucket] = self._jit(functools.partial(_insert, mesh=mesh, config=c), aval, part,
-                                             self.small(np.int32(0)), donate=(0,))
+            self.prefills[bucket] = self._prefill_program(bucket)
+            self.inserts[bucket] = self._jit(insert, aval, self._empty(1, bucket - 1), self.small(np.int32(0)),
+                                             donate=(0,))
+        self.after_prefix = {}  # bucket -> (cache seeded with the prefix, extend program, insert program)
+        a = len(self.prefix)
+        if a:
+            seed = self._prefix_cache()
+            for bucket in self.buckets:
+                if a + bucket - 1 > self.max_seq_len:
+                    break
+                seeded = _seeded(seed, a + bucket - 1)
+                if self.decoder is not None:  # layer by layer, like the other CPU programs
+                    seeded = per_layer_cache(seeded)
+                    extend = LayerwiseExtend(self.decoder, seeded, *self._prefill_inputs(bucket), _executable)
+                else:
+                    args = (*self._model_args, seeded, *self._prefill_inputs(bucket))
+                    extend = functools.partial(_executable("prefill", _extend, {"mesh": mesh}, args)[0],
+                                               self.leaves)
+                self.after_prefix[bucket] = (seeded, extend,
+                                             self._jit(insert, aval, self._empty(1, a + bucket - 1),
+                                                       self.small(np.int32(0)), donate=(0,)))
+
+    def _prefix_cache(self) -> KVCache:
+        """The prefix's keys and values: a batch-1 stacked cache of len(prefix) slots, index after them."""
+        a = len(self.prefix)
+        ids = self.small(self.prefix[None])
+        args = (*self._model_args, ids, self.small(np.arange(a, dtype=np.int32)[None]),
+                self.small(np.ones((1, a), bool)))
+        exe = _executable("prefill", _prefill, {"length": a, "mesh": self.mesh}, args)[0]
+        return exe(self.leaves, *args[3:])
 
     # ---- running -----------------------------------------------------------------------------------
 
@@ -204,16 +290,31 @@ class DecodeSlots:
                 return b
         raise ValueError(f"a prompt of {n} tokens is longer than max_seq_len {self.max_seq_len}")
 
-    def insert(self, row: int, prompt: np.ndarray) -> None:
-        """Prefill `prompt` (1-D ids, all but the last token) into `row`; the caller then feeds the last
-        prompt token at position len(prompt) - 1 in that row."""
-        p = self.bucket(len(prompt))
+    def insert(self, row: int, prompt: np.ndarray) -> int:
+        """Prefill all but the last token of `prompt` (1-D ids) into `row`; the caller then feeds the last
+        prompt token at position len(prompt) - 1 in that row. A prompt that begins with the prefix prefills
+        only what follows it. Returns how many prompt tokens came from the cached prefix."""
+        prompt = np.asarray(prompt, np.int32)
+        a = len(self.prefix)
+        after = None
+        if a and len(prompt) >= a + 2 and np.array_equal(prompt[:a], self.prefix):
+            after = self.after_prefix.get(self.bucket(len(prompt) - a))
+        rest = prompt[a:] if after is not None else prompt
+        p = self.bucket(len(rest))
         ids = np.zeros((1, p), np.int32)
         mask = np.zeros((1, p), bool)
-        ids[0, p - len(prompt):], mask[0, p - len(prompt):] = prompt, True
+        ids[0, p - len(rest):], mask[0, p - len(rest):] = rest, True
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
-        part = self.prefills[p](self.small(ids[:, :-1]), self.small(positions[:, :-1]), self.small(mask[:, :-1]))
-        self.cache = self.inserts[p](self.cache, part, self.small(np.int32(row)))
+        args = (self.small(ids[:, :-1]), self.small(positions[:, :-1] + (a if after is not None else 0)),
+                self.small(mask[:, :-1]))
+        if after is None:
+            part, insert = self.prefills[p](*args), self.inserts[p]
+        else:
+            seeded, extend, insert = after
+            part = extend(seeded, *args)
+            self.prefix_hits += 1
+        self.cache = insert(self.cache, part, self.small(np.int32(row)))
+        return a if after is not None else 0
 
     def step(self, tokens: np.ndarray, positions: np.ndarray, params: SlotParams | None) -> np.ndarray:
         """One decode step over all rows (token [B] at position [B]); params None = greedy everywhere."""
@@ -231,4 +332,5 @@ class DecodeSlots:
 def describe(slots: DecodeSlots) -> dict[str, Any]:
     """The sizes a server reports at start."""
     return {"max_batch": slots.batch, "max_seq_len": slots.max_seq_len, "cache_slots": slots.length,
-            "prompt_buckets": slots.buckets, "layerwise": slots.decoder is not None}
+            "prompt_buckets": slots.buckets, "layerwise": slots.decoder is not None,
+            "cached_prefix_tokens": len(slots.prefix)}
