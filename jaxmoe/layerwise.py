@@ -58,10 +58,19 @@ def _extend_prologue(config, _, leaves, ids, positions, mask, valid, index):
     return x, cos, sin, masks, valid
 
 
-def _decode_prologue(config, _, leaves, token, position, valid, index):
-    """Embedding of this step's token, rotary tables, masks over the cache slots (after writing this slot)."""
-    return _extend_prologue(config, _, leaves, token[:, None], position[:, None],
-                            jnp.ones((token.shape[0], 1), bool), valid, index)
+def _decode_prologue(config, _, leaves, token, position, valid, index, *, span: int | None = None):
+    """Embedding of this step's token, rotary tables, masks over the cache slots (after writing this slot); with
+    `span`, masks over the last `span` slots only (through this one), as `_decode_layer` attends."""
+    b = token.shape[0]
+    if span is None:
+        return _extend_prologue(config, _, leaves, token[:, None], position[:, None], jnp.ones((b, 1), bool),
+                                valid, index)
+    (embed,) = leaves
+    valid = jax.lax.dynamic_update_slice(valid, jnp.ones((b, 1), bool), (0, index))
+    window = jax.lax.dynamic_slice_in_dim(valid, index + 1 - span, span, axis=1)
+    x, cos, sin, masks = prologue(config, embed, token[:, None], position[:, None],
+                                  jnp.full((b, 1), span - 1, jnp.int32), window)
+    return x, cos, sin, masks, valid
 
 
 def _prefill_prologue(config, _, leaves, ids, positions, mask, *, length: int):
@@ -139,10 +148,20 @@ class LayerwisePrefill(_Programs):
         return KVCache(tuple(ks), tuple(vs), valid, self.index)
 
 
-def _decode_layer(graphdef, treedef, leaves, x, cos, sin, mask, k, v, index):
-    """One decoder layer over the cache: (x, its updated keys, values)."""
+def _decode_layer(graphdef, treedef, leaves, x, cos, sin, mask, k, v, index, *, span: int | None = None):
+    """One decoder layer over the cache: (x, its updated keys, values). With `span`, attention reads only the
+    last `span` slots through `index` (a copy of them): a step then costs what the longest row needs, not what
+    the whole cache holds. Keys' slot axis is their last, values' the one before."""
     layer = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-    x, _, (k, v), _ = layer(x, cos, sin, mask, (k, v), index, False)
+    if span is None:
+        x, _, (k, v), _ = layer(x, cos, sin, mask, (k, v), index, False)
+        return x, k, v
+    start = index + 1 - span
+    kw = jax.lax.dynamic_slice_in_dim(k, start, span, axis=k.ndim - 1)
+    vw = jax.lax.dynamic_slice_in_dim(v, start, span, axis=v.ndim - 2)
+    x, _, (kw, vw), _ = layer(x, cos, sin, mask, (kw, vw), jnp.asarray(span - 1, jnp.int32), False)
+    k = jax.lax.dynamic_update_slice_in_dim(k, kw[..., -1:], index, axis=k.ndim - 1)
+    v = jax.lax.dynamic_update_slice_in_dim(v, vw[..., -1:, :], index, axis=v.ndim - 2)
     return x, k, v
 
 
@@ -165,11 +184,13 @@ def _decode_head(graphdef, treedef, leaves, x, position, done, key, step, index,
 class LayerwiseStep(_Programs):
     """A decode step of an unrolled model (`unrolled_decoder`) built from per-layer programs; called like the
     compiled whole-step program: step(cache, token, position, done, key, step, *scalars). `executable(kind,
-    fn, static, args, donate)` compiles (or finds) each program: `jaxmoe.generate`'s LRU of executables."""
+    fn, static, args, donate)` compiles (or finds) each program: `jaxmoe.generate`'s LRU of executables. With
+    `span`, attention reads only the last `span` cache slots through the write index (the caller makes sure
+    every row's keys lie there)."""
 
     def __init__(self, model: Transformer, cache: Any, token: Any, position: Any, done: Any, key: Any, step: Any,
                  scalars: tuple, executable: Callable[..., tuple[Any, float, float]], sampling: SamplingConfig,
-                 return_logits: bool):
+                 return_logits: bool, span: int | None = None):
         c = model.config
         self.kinds, self.layers = c.layer_types, _layer_programs(model)
         head_model = nnx.merge(*nnx.split(model))
@@ -179,13 +200,16 @@ class LayerwiseStep(_Programs):
         self.head_args = (hg, ht, hl)
         self.embed = model.embed[...]
         pro_args = (c, None, [self.embed], token, position, cache.valid, cache.index)
-        self.pro = self._get(executable, "decode_prologue", _decode_prologue, {}, pro_args)
-        x, cos, sin, masks, _ = jax.eval_shape(functools.partial(_decode_prologue, c, None), *pro_args[2:])
+        static = {} if span is None else {"span": span}
+        self.pro = self._get(executable, "decode_prologue", _decode_prologue, static, pro_args)
+        x, cos, sin, masks, _ = jax.eval_shape(functools.partial(_decode_prologue, c, None, **static),
+                                               *pro_args[2:])
         self.layer_exes = []
         for (graphdef, treedef, leaves), kind, k, v in zip(self.layers, self.kinds, cache.k, cache.v):
             args = (graphdef, treedef, leaves, x, cos[kind], sin[kind], masks[kind], k, v,
                     cache.index)
-            self.layer_exes.append(self._get(executable, "decode_layer", _decode_layer, {}, args, donate=(7, 8)))
+            self.layer_exes.append(self._get(executable, "decode_layer", _decode_layer, static, args,
+                                             donate=(7, 8)))
         self.head = self._get(executable, "decode", _decode_head, {"sampling": sampling, "return_logits": return_logits},
                               (*self.head_args, x, position, done, key, step, cache.index, *scalars))
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import converters
-from jaxmoe.generate import generate, left_pad
+from jaxmoe.generate import generate, generate_full, left_pad
 from jaxmoe.serve.engine import Engine, QueueFull, Request, Sampling, _held_back
 from jaxmoe.parallel.mesh import make_mesh, use_mesh
 from jaxmoe.serve.slots import DecodeSlots, chat_preamble
@@ -266,15 +266,16 @@ def test_cached_prefix_gives_the_tokens_of_a_whole_prefill(model_dir, mesh):
     prefix = [1, 3, 23, 40, 41, 7]
     rng = np.random.default_rng(5)
     prompts = [prefix + rng.integers(3, 128, int(n)).tolist() for n in (2, 3, 5, 9, 14, 20)]
-    prompts += [prefix + [9], rng.integers(3, 128, 7).tolist(), prefix[:4] + [50, 60]]
+    prompts += [prefix + [9], rng.integers(3, 128, 7).tolist(), prefix[:4] + [50, 60], rng.integers(3, 128, 40).tolist()]
+    prompts += [rng.integers(3, 128, n).tolist() for n in (29, 30, 31, 32)]  # at some step they need all 32 slots
     budgets = [int(b) for b in rng.integers(2, 6, len(prompts))]
     ids, mask = left_pad(prompts, 0)
     ref = generate(converters.load(model_dir), ids, max(budgets), attention_mask=mask, eos_token_id=EOS,
                    pad_token_id=0)[:, ids.shape[1]:]
     mesh = make_mesh(mesh) if mesh else None
     with use_mesh(mesh):
-        slots = DecodeSlots(converters.load(model_dir, mesh=mesh), 4 if mesh else 3, 32, prefix=prefix)
-    assert sorted(slots.after_prefix) == [16]  # 6 + 32 - 1 slots would not fit before the write index
+        slots = DecodeSlots(converters.load(model_dir, mesh=mesh), 4 if mesh else 3, 64, prefix=prefix)
+    assert sorted(slots.after_prefix) == [16, 32]  # 6 + 64 - 1 slots would not fit before the write index
     engine = Engine(slots, tok, [EOS])
     got = [[] for _ in prompts]
     done = [threading.Event() for _ in prompts]
@@ -294,15 +295,36 @@ def test_cached_prefix_gives_the_tokens_of_a_whole_prefill(model_dir, mesh):
     for i in range(len(prompts)):
         want = ref[i, :budgets[i]].tolist()
         assert got[i] == (want[:want.index(EOS)] if EOS in want else want), i
-    assert slots.prefix_hits == 5  # the 20-token rest needs bucket 32: whole prefill
-    assert engine.metrics.cached_prompt_tokens == 5 * len(prefix)
+    assert slots.prefix_hits == 6
+    assert engine.metrics.cached_prompt_tokens == 6 * len(prefix)
+    # One device: steps attend over 32 slots, or 64 while the 40-token prompt runs; a mesh: the whole cache.
+    assert set(slots.spans) == ({96} if mesh else {32, 64}), slots.spans
+
+def test_narrow_decode_steps_give_the_logits_of_the_whole_cache(model_dir):
+    """A step attends over the last 32 (then 64) slots only, the row's tokens all among them: the logits of
+    offline generation over the whole prompt, also at the step where the window starts at the row's first token."""
+    model = converters.load(model_dir)
+    prompt = np.random.default_rng(1).integers(3, 128, 32).astype(np.int32)
+    ref = generate_full(model, prompt[None], 6, eos_token_id=(), return_logits=True).logits[:, 0]
+    slots = DecodeSlots(model, 3, 64)
+    slots.insert(1, prompt)
+    tokens, positions = np.zeros(3, np.int32), np.zeros(3, np.int32)
+    tokens[1], positions[1] = prompt[-1], 31
+    for i in range(6):
+        nxt, logits = slots.step(tokens, positions, None, return_logits=True)
+        np.testing.assert_allclose(logits[1], ref[i], atol=2e-5, err_msg=f"step {i}")
+        tokens[1], positions[1] = nxt[1], positions[1] + 1
+    assert slots.spans == {32: 1, 64: 5}
 
 
 def test_two_processes_serve_the_same_tokens_as_one(server, two_hosts):
-    """2 processes x 4 CPU devices, `--mesh expert=4,data=2`: process 0 serves and broadcasts every step."""
+    """2 processes x 4 CPU devices, `--mesh expert=4,data=2`: process 0 serves and broadcasts every step. Idle for
+    longer than gloo's 30 s collective deadline first: the follower, waiting for the next call, must survive it
+    (process 0 sends heartbeats)."""
     _, _, ref = server
     procs, port = two_hosts
     _wait(procs[0], port)
+    time.sleep(31)
     url = f"http://127.0.0.1:{port}"
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         got = list(pool.map(lambda i: _complete(url, PROMPTS[i], BUDGETS[i], stream=i % 2 == 1), range(12)))

@@ -24,6 +24,11 @@ from jaxmoe.serve.slots import DecodeSlots, SlotParams
 log = logging.getLogger(__name__)
 
 
+# An idle multi-host engine calls the device's `heartbeat` this often: a follower waiting in a collective
+# longer than gloo's 30 s deadline fails ("GetKeyValue() timed out"), so an idle server must keep them fed.
+HEARTBEAT_S = 5.0
+
+
 class QueueFull(Exception):
     """The waiting queue is at its limit (HTTP 429)."""
 
@@ -153,10 +158,16 @@ class Engine:
         try:
             while True:
                 with self.cond:
-                    while not self.waiting and not any(self.rows) and not self._stop:
-                        self.cond.wait()
+                    if not self.waiting and not any(self.rows) and not self._stop:
+                        self.cond.wait(HEARTBEAT_S)
                     if self._stop and not self.waiting and not any(self.rows):
                         break
+                    idle = not self.waiting and not any(self.rows)
+                if idle:
+                    heartbeat = getattr(self.device, "heartbeat", None)
+                    if heartbeat is not None:
+                        heartbeat()
+                    continue
                 self._admit()
                 if any(self.rows):
                     self._step()
@@ -208,6 +219,7 @@ class Engine:
             reason = self._advance(req, int(nxt[row]))
             if reason is not None:
                 self.rows[row] = None
+                self.device.free(row)
                 # The free row keeps decoding filler until reused; position 0 keeps it in the rotary range.
                 self.tokens[row] = self.positions[row] = 0
                 self._finish(req, reason)

@@ -11,7 +11,7 @@ import numpy as np
 
 from jaxmoe.serve.slots import DecodeSlots, SlotParams
 
-STOP, INSERT, STEP = 0, 1, 2
+STOP, INSERT, STEP, NOOP = 0, 1, 2, 3
 
 
 def _size(slots: DecodeSlots) -> int:
@@ -62,6 +62,15 @@ class Broadcaster:
         self._send(STEP, tokens=tokens, positions=positions, params=params)
         return self.slots.step(tokens, positions, params)
 
+    def free(self, row: int) -> None:
+        """Bookkeeping only, not sent: a multi-host job runs on a mesh, whose steps attend over the whole cache
+        (`DecodeSlots.free` narrows only single-device steps), so the followers run the same step anyway."""
+        self.slots.free(row)
+
+    def heartbeat(self) -> None:
+        """Send a call that does nothing: keeps idle followers inside gloo's collective deadline."""
+        self._send(NOOP)
+
     def close(self) -> None:
         """Tell the followers to return."""
         self._send(STOP)
@@ -75,6 +84,8 @@ def follow(slots: DecodeSlots) -> int:
         op = int(msg[0])
         if op == STOP:
             return steps
+        if op == NOOP:
+            continue
         if op == INSERT:
             slots.insert(int(msg[1]), msg[3:3 + int(msg[2])])
             continue

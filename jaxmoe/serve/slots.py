@@ -6,21 +6,22 @@ power-of-two bucket, so every prompt length reuses a few executables) and its ke
 row right-aligned to i: slot i - n + j holds prefill slot j. Attention sees a key iff its `valid` bit is set and
 its slot is not after the query's, and rotary positions travel per row, so where a row's tokens lie in the cache
 changes nothing. The index never drops below max_seq_len, so only pad slots can fall before slot 0; they wrap to
-the end of the row, invalid. When the index reaches
+the end of the row, invalid. On one CPU device a step attends only over the last `span` slots that hold every
+busy row's tokens (a power of two from 32; `free` tells a row is idle), so its cost follows the longest request,
+not max_seq_len (SmolLM2, 16 rows: 63 ms over 128 slots, 137 ms over 1536). When the index reaches
 the end of the cache every row is shifted left by `margin` slots (`compact`): a row holds at most
 `max_seq_len - 1` real tokens, so nothing real is lost, and the next `margin` steps have room.
 
 A shared prompt prefix (the chat template's preamble, `chat_preamble`) is prefilled once at start: a prompt
-that begins with it prefills only the rest, appended to a copy of the prefix's keys and values, [prefix | pads |
-rest]. The pads between them are invalid slots, harmless where attention is full (masks read `valid`, rotary
-positions are explicit); a model with sliding-window layers shorter than the cache takes no prefix, since its
-window counts slots.
+that begins with it prefills only the rest, appended to a copy of the prefix's keys and values and padded on the
+right, [prefix | rest | pads], so its tokens stay in consecutive slots as every other row's.
 
 Decode steps are `jaxmoe.generate`'s (layer by layer on one CPU device, scanned on a mesh) with in-step greedy
 selection; rows that sample draw afterwards in `sample_rows` with their own temperature, top-k, top-p and seed.
 """
 from __future__ import annotations
 
+import collections
 import functools
 from typing import Any, NamedTuple, Sequence
 
@@ -38,6 +39,17 @@ from jaxmoe.parallel.placement import placed_mesh, replicate, shard_cache
 from jaxmoe.sampling import sampling_config, top_p_filter
 
 MIN_BUCKET = 16
+_IDLE = 1 << 40  # `DecodeSlots.first` of a row with no request: later than any slot
+
+
+def window_spans(length: int) -> list[int]:
+    """The attention spans a CPU decode step is compiled for: powers of two from 32 below the cache length.
+    (Midpoints 48, 96, ... were tried: no faster at 16 clients within noise, and more to compile.)"""
+    out, s = [], 2 * MIN_BUCKET
+    while s < length:
+        out.append(s)
+        s *= 2
+    return out
 
 
 def prompt_buckets(max_seq_len: int) -> list[int]:
@@ -87,10 +99,11 @@ def _row_put(dst: jax.Array, src: jax.Array, row: jax.Array, shift: jax.Array, k
     return jax.lax.dynamic_update_index_in_dim(dst, placed.astype(dst.dtype), row, lead)
 
 
-def _insert(cache: KVCache, part: KVCache, row: jax.Array, *, mesh, config) -> KVCache:
-    """The cache with row `row` replaced by the prefilled `part`, right-aligned to the write index."""
+def _insert(cache: KVCache, part: KVCache, row: jax.Array, tail: jax.Array, *, mesh, config) -> KVCache:
+    """The cache with row `row` replaced by the prefilled `part`, its last real slot just before the write index
+    (`tail`: how many pad slots end the part; they land on the next slots, still invalid)."""
     length = cache.valid.shape[1]
-    shift = cache.index - part.valid.shape[1]
+    shift = cache.index - part.valid.shape[1] + tail
     kv = config.num_kv_heads
     k = tuple(_row_put(d, s, row, shift, True, length, kv) for d, s in zip(cache.k, part.k))
     v = tuple(_row_put(d, s, row, shift, False, length, kv) for d, s in zip(cache.v, part.v))
@@ -175,11 +188,10 @@ class DecodeSlots:
         self.length = max_seq_len + self.margin
         self.mesh = mesh = placed_mesh(model)
         self.buckets = prompt_buckets(max_seq_len)
-        windows = [c.sliding_window for t in c.layer_types if t == "sliding"]
-        # The prefix's keys and values, computed once (`warm`); none where a sliding window would see the pads.
-        self.prefix = np.asarray(prefix if not windows or min(windows) >= max_seq_len + self.margin else (),
-                                 np.int32)
+        self.prefix = np.asarray(prefix, np.int32)  # its keys and values are computed once (`warm`)
         self.prefix_hits = 0
+        self.first = np.full(max_batch, _IDLE, np.int64)  # per row: the cache slot its tokens begin at (or idle)
+        self.spans: collections.Counter = collections.Counter()  # steps run per attention span
         graphdef, state = nnx.split(model)
         self.leaves, treedef = jax.tree.flatten(state)
         self._model_args = (graphdef, treedef, self.leaves)
@@ -232,10 +244,13 @@ class DecodeSlots:
         c, b, mesh = self.config, self.batch, self.mesh
         tok = self.small(np.zeros((b,), np.int32))
         aval = self._empty(b, self.length)
+        self.windowed = {}  # span -> a decode step that attends over the last `span` slots only
         if self.decoder is not None:
-            self.decode = LayerwiseStep(self.decoder, aval, tok, tok, self._done, self._key, self._step,
-                                        self._scalars, _executable, sampling_config(0.0, None, None, c.vocab_size),
-                                        True)
+            greedy = sampling_config(0.0, None, None, c.vocab_size)
+            step_args = (self.decoder, aval, tok, tok, self._done, self._key, self._step, self._scalars, _executable,
+                         greedy, True)
+            self.decode = LayerwiseStep(*step_args)
+            self.windowed = {s: LayerwiseStep(*step_args, span=s) for s in window_spans(self.length)}
         else:
             static = {"sampling": sampling_config(0.0, None, None, c.vocab_size), "return_logits": True,
                       "mesh": mesh}
@@ -251,7 +266,7 @@ class DecodeSlots:
         insert = functools.partial(_insert, mesh=mesh, config=c)
         for bucket in self.buckets:
             self.prefills[bucket] = self._prefill_program(bucket)
-            self.inserts[bucket] = self._jit(insert, aval, self._empty(1, bucket - 1), self.small(np.int32(0)),
+            self.inserts[bucket] = self._jit(insert, aval, self._empty(1, bucket - 1), *self._zeros(2),
                                              donate=(0,))
         self.after_prefix = {}  # bucket -> (cache seeded with the prefix, extend program, insert program)
         a = len(self.prefix)
@@ -270,7 +285,10 @@ class DecodeSlots:
                                                self.leaves)
                 self.after_prefix[bucket] = (seeded, extend,
                                              self._jit(insert, aval, self._empty(1, a + bucket - 1),
-                                                       self.small(np.int32(0)), donate=(0,)))
+                                                       *self._zeros(2), donate=(0,)))
+
+    def _zeros(self, n: int) -> tuple:
+        return tuple(self.small(np.int32(0)) for _ in range(n))
 
     def _prefix_cache(self) -> KVCache:
         """The prefix's keys and values: a batch-1 stacked cache of len(prefix) slots, index after them."""
@@ -301,36 +319,58 @@ class DecodeSlots:
             after = self.after_prefix.get(self.bucket(len(prompt) - a))
         rest = prompt[a:] if after is not None else prompt
         p = self.bucket(len(rest))
-        ids = np.zeros((1, p), np.int32)
-        mask = np.zeros((1, p), bool)
-        ids[0, p - len(rest):], mask[0, p - len(rest):] = rest, True
-        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
-        args = (self.small(ids[:, :-1]), self.small(positions[:, :-1] + (a if after is not None else 0)),
-                self.small(mask[:, :-1]))
+        ids = np.zeros((1, p - 1), np.int32)
+        mask = np.zeros((1, p - 1), bool)
+        n = len(rest) - 1  # the last token is the first decode step's input
+        # A whole prompt is padded on the left (pads before its first slot); the rest after a prefix on the
+        # right, so that it follows the prefix in the next slots.
+        at = slice(p - 1 - n, None) if after is None else slice(0, n)
+        ids[0, at], mask[0, at] = rest[:-1], True
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32) + (a if after is not None else 0)
+        args = (self.small(ids), self.small(positions), self.small(mask))
         if after is None:
-            part, insert = self.prefills[p](*args), self.inserts[p]
+            part, insert, tail = self.prefills[p](*args), self.inserts[p], 0
         else:
             seeded, extend, insert = after
-            part = extend(seeded, *args)
+            part, tail = extend(seeded, *args), p - 1 - n
             self.prefix_hits += 1
-        self.cache = insert(self.cache, part, self.small(np.int32(row)))
+        self.cache = insert(self.cache, part, self.small(np.int32(row)), self.small(np.int32(tail)))
+        self.first[row] = self.index - (len(prompt) - 1)  # where the row's tokens begin now
         return a if after is not None else 0
 
-    def step(self, tokens: np.ndarray, positions: np.ndarray, params: SlotParams | None) -> np.ndarray:
-        """One decode step over all rows (token [B] at position [B]); params None = greedy everywhere."""
+    def free(self, row: int) -> None:
+        """Row `row` holds no request any more: later steps need not attend over its tokens."""
+        self.first[row] = _IDLE
+
+    def _step_program(self):
+        """The decode step to run: the narrowest span that holds every busy row's tokens and this step's slot."""
+        need = self.index + 1 - min(int(self.first.min()), self.index)
+        for span, program in self.windowed.items():
+            if need <= span <= self.index + 1:
+                self.spans[span] += 1
+                return program
+        self.spans[self.length] += 1
+        return self.decode
+
+    def step(self, tokens: np.ndarray, positions: np.ndarray, params: SlotParams | None,
+             return_logits: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """One decode step over all rows (token [B] at position [B]); params None = greedy everywhere. The next
+        token of each row, and with `return_logits` also the float32 logits [B, V] it was chosen from."""
         if self.index == self.length:
             self.cache = self.compactor(self.cache)
             self.index -= self.margin
-        nxt, _, _, _, self.cache, logits = self.decode(self.cache, self.small(tokens), self.small(positions),
-                                                       self._done, self._key, self._step, *self._scalars)
+            self.first -= self.margin
+        nxt, _, _, _, self.cache, logits = self._step_program()(
+            self.cache, self.small(tokens), self.small(positions), self._done, self._key, self._step, *self._scalars)
         self.index += 1
         if params is not None:
             nxt = self.sampler(logits, *(self.small(np.asarray(x)) for x in params))
-        return np.asarray(nxt)
+        return (np.asarray(nxt), np.asarray(logits)) if return_logits else np.asarray(nxt)
 
 
 def describe(slots: DecodeSlots) -> dict[str, Any]:
     """The sizes a server reports at start."""
     return {"max_batch": slots.batch, "max_seq_len": slots.max_seq_len, "cache_slots": slots.length,
+            "attention_spans": list(slots.windowed) + [slots.length],
             "prompt_buckets": slots.buckets, "layerwise": slots.decoder is not None,
             "cached_prefix_tokens": len(slots.prefix)}
