@@ -109,12 +109,12 @@ def prose_corpus(work: Path) -> list[tuple[str, str]]:
 def make_corpora(work: Path) -> dict[str, dict[str, Path]]:
     """train/heldout JSONL per domain, and the counts."""
     out = {}
-    for name, docs in (("code", None), ("prose", None)):
+    for name, make in (("code", code_corpus), ("prose", lambda: prose_corpus(work))):
         d = work / "data"
         paths = {split: d / f"{name}.{split}.jsonl" for split in ("train", "heldout")}
         if not all(p.exists() for p in paths.values()):
             d.mkdir(parents=True, exist_ok=True)
-            docs = code_corpus() if name == "code" else prose_corpus(work)
+            docs = make()
             split = {"train": [t for k, t in docs if not _held_out(k)], "heldout": [t for k, t in docs if _held_out(k)]}
             for s, p in paths.items():
                 _write_jsonl(p, split[s])

@@ -33,6 +33,7 @@ from converters.hf.names import Region, full_region
 from converters.hf.reader import HFParams, Target, abstract_model, param_targets, read_config
 from converters.hf.safetensors_io import CheckpointReader
 from converters.hub import resolve_model
+from jaxmoe.kernels.backend import on_cpu
 from jaxmoe.nn.config import ModelConfig
 from jaxmoe.nn.model import DecoderLayer, Transformer, layer_stacks
 from jaxmoe.parallel.mesh import check_mesh, make_mesh
@@ -201,7 +202,7 @@ def load(path: str | Path, dtype: str | None = None, mesh: Mesh | str | None = N
 
 def default_load_dtype(checkpoint_dtype: str) -> str:
     """What `load` gives when no dtype is asked for: bfloat16 on TPU/GPU, the checkpoint's dtype on CPU."""
-    return checkpoint_dtype if jax.default_backend() == "cpu" else "bfloat16"
+    return checkpoint_dtype if on_cpu() else "bfloat16"
 
 
 class LayerSource:

@@ -27,6 +27,7 @@ from flax import nnx
 from jaxmoe.parallel.mesh import use_mesh
 from jaxmoe.parallel.placement import placed_mesh, replicate, shard_batch, shard_cache
 from jaxmoe.memory import release_memory
+from jaxmoe.kernels.backend import on_cpu
 from jaxmoe.kernels.cpu import aliased_slices
 from jaxmoe.layerwise import SCRATCH_REUSE_LIMIT, LayerwisePrefill, LayerwiseStep, per_layer_cache
 from jaxmoe.nn.model import KVCache, Transformer, unstack_layers
@@ -100,7 +101,7 @@ def _merge(graphdef, treedef, leaves):
     return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
 
 
-def _prefill(graphdef, treedef, leaves, ids, positions, mask, *, length: int, mesh) -> KVCache:
+def prefill_cache(graphdef, treedef, leaves, ids, positions, mask, *, length: int, mesh) -> KVCache:
     """Fill a fresh `length`-slot cache with the prompt; the logits are unused, so XLA drops them."""
     model = _merge(graphdef, treedef, leaves)
     cache = KVCache.empty(model.config, ids.shape[0], length, jnp.dtype(model.config.dtype))
@@ -111,9 +112,11 @@ def _prefill(graphdef, treedef, leaves, ids, positions, mask, *, length: int, me
     return cache if mesh is None else shard_cache(cache, mesh, model.config)
 
 
-def _decode(graphdef, treedef, leaves, cache, token, position, done, key, step, temperature, top_p, eos, pad,
-            *, sampling: SamplingConfig, return_logits: bool, mesh):
-    """One token per row: write `token` at `position` into the cache, pick the next token."""
+def decode_step(graphdef, treedef, leaves, cache, token, position, done, key, step, temperature, top_p, eos, pad,
+                *, sampling: SamplingConfig, return_logits: bool, mesh):
+    """One token per row: write `token` at `position` into the cache, pick the next token. Like `prefill_cache`
+    a function of the split model (graphdef, treedef, leaves) to be compiled by `compiled`; the serving engine
+    (`jaxmoe.serve.slots`) compiles it for its own cache too."""
     model = _merge(graphdef, treedef, leaves)
     out = model.forward(token[:, None], position[:, None], None, cache)
     logits = out.logits[:, -1].astype(jnp.float32)
@@ -131,8 +134,8 @@ def _signature(x: Any) -> tuple:
     return tuple((a.shape, str(a.dtype), getattr(a, "sharding", None)) for a in jax.tree.leaves(x))
 
 
-def _executable(kind: str, fn: Callable, static: dict, args: tuple,
-                donate: tuple[int, ...] = ()) -> tuple[Any, float, float]:
+def compiled(kind: str, fn: Callable, static: dict, args: tuple,
+             donate: tuple[int, ...] = ()) -> tuple[Any, float, float]:
     """(the compiled `fn` for these static values and argument shapes, seconds tracing + lowering, seconds
     compiling), compiled on first use (LRU cached; 0.0 s when cached). The compile step reads the persistent
     compilation cache when one is on (`jaxmoe.cache`); tracing runs whatever the cache holds."""
@@ -256,7 +259,7 @@ def generate_full(model, input_ids, max_new_tokens: int, temperature: float = 0.
     leaves, treedef = jax.tree.flatten(state)
     # CPU (one device): prefill and decode run layer by layer over zero-copy per-layer views (jaxmoe.layerwise).
     if layerwise is None:
-        layerwise = mesh is None and jax.default_backend() == "cpu"
+        layerwise = mesh is None and on_cpu()
     elif layerwise and mesh is not None:
         raise ValueError("layerwise decoding runs on one device; this model is placed on a mesh")
     decoder = unrolled_decoder(model) if layerwise else None
@@ -267,10 +270,10 @@ def generate_full(model, input_ids, max_new_tokens: int, temperature: float = 0.
                     batched(mask_p[:, :-1]))
     tr1 = c1 = 0.0
     if decoder is not None:
-        prefill = LayerwisePrefill(decoder, *prefill_args[3:], length, _executable)
+        prefill = LayerwisePrefill(decoder, *prefill_args[3:], length, compiled)
         tr1, c1 = prefill.trace_s, prefill.compile_s
     if decoder is None or prefill.scratch_bytes > SCRATCH_REUSE_LIMIT:
-        exe, tr, co = _executable("prefill", _prefill, {"length": length, "mesh": mesh}, prefill_args)
+        exe, tr, co = compiled("prefill", prefill_cache, {"length": length, "mesh": mesh}, prefill_args)
         tr1, c1 = tr1 + tr, c1 + co
         prefill = functools.partial(exe, leaves)
         if decoder is not None:  # a big prompt on CPU: scanned prefill, its cache as per-layer views
@@ -289,11 +292,11 @@ def generate_full(model, input_ids, max_new_tokens: int, temperature: float = 0.
     step0 = small(np.int32(0))
     if decoder is None:
         decode_args = (graphdef, treedef, leaves, cache_aval, token, position, done, key, step0, *scalars)
-        exe, tr2, c2 = _executable("decode", _decode, {"sampling": scfg, "return_logits": return_logits,
+        exe, tr2, c2 = compiled("decode", decode_step, {"sampling": scfg, "return_logits": return_logits,
                                                        "mesh": mesh}, decode_args, donate=(3,))
         decode = functools.partial(exe, leaves)
     else:
-        decode = LayerwiseStep(decoder, cache_aval, token, position, done, key, step0, scalars, _executable, scfg,
+        decode = LayerwiseStep(decoder, cache_aval, token, position, done, key, step0, scalars, compiled, scfg,
                                return_logits)
         tr2, c2 = decode.trace_s, decode.compile_s
     compiles = int(tr1 + c1 > 0) + int(tr2 + c2 > 0)

@@ -33,6 +33,7 @@ from converters.moe.heldout import HeldoutScores, base_heldout_scores, format_sc
 from converters.moe.recipe import (RANDOM_GATE_MODES, RECIPE_FILE, MoERecipe, OutputPlan, RecipeError, expert_names,
                                    load_recipe, validate_sources)
 from converters.moe.tensors import Cancelled, raw_getter, tensor_getter
+from jaxmoe.kernels.backend import on_cpu
 from jaxmoe.nn.config import ConfigError, ModelConfig
 from jaxmoe.parallel.mesh import make_mesh
 
@@ -211,7 +212,7 @@ def base_model_config(path: str | Path, plan: OutputPlan) -> ModelConfig:
 def default_gate_mesh() -> Mesh | None:
     """The gate pass's devices when none are asked for: None (the default device) on CPU or with one device;
     on TPU/GPU with more, every device on `data` (the prompt batch split, the base replicated)."""
-    if jax.default_backend() == "cpu" or jax.device_count() == 1:
+    if on_cpu() or jax.device_count() == 1:
         return None
     return make_mesh(None)
 
@@ -272,8 +273,8 @@ def build_moe(recipe: str | Path | MoERecipe, out_dir: str | Path, *, dtype: str
                 # dtype (device memory is what is short); on CPU, where host and device memory are one, they
                 # are read as float32 at once, which holds one float32 copy of a layer instead of the stored one
                 # plus XLA's float32 casts (Mistral-7B width: peak RSS of the gate pass 1.53 -> 1.21 GB).
-                on_cpu = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform == "cpu"
-                layers = open_layers(recipe.base_model, dtype="float32" if on_cpu else None, mesh=mesh)
+                cpu_layers = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform == "cpu"
+                layers = open_layers(recipe.base_model, dtype="float32" if cpu_layers else None, mesh=mesh)
                 export.check()
                 # One batch of exactly the prompts' shape (up to 128 of them; mergekit runs each expert's
                 # prompts as one batch): one compile

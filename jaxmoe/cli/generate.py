@@ -109,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
     from converters.hub import resolve_model
     from jaxmoe.cli.errors import CliError
     from jaxmoe.generate import generate_full, left_pad
+    from jaxmoe.kernels.backend import on_cpu
     from jaxmoe.parallel.mesh import make_mesh, use_mesh
 
     path = resolve_model(args.model)  # a Hub id: its cached snapshot (HubError, one line, when there is none)
@@ -116,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"{path}: no such file or directory (expected an HF model directory, a .gguf file or a jaxmoe orbax checkpoint)")
     if args.max_new_tokens < 1:
         raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    dtype = args.dtype or ("float32" if on_cpu() else "bfloat16")
     mesh = make_mesh(args.mesh) if args.mesh else None  # MeshError (a ValueError): one line, exit 2
     try:
         model = converters.load(path, dtype=dtype, mesh=mesh)

@@ -47,13 +47,12 @@ def run(args: argparse.Namespace) -> int:
     for name, least in (("max_batch", 2), ("max_queue", 1)):
         if getattr(args, name) < least:
             raise CliError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
-    import jax
-
     import converters
+    from jaxmoe.kernels.backend import on_cpu
     from jaxmoe.parallel.mesh import make_mesh, use_mesh
     from jaxmoe.serve.server import serve
 
-    dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    dtype = args.dtype or ("float32" if on_cpu() else "bfloat16")
     mesh = make_mesh(args.mesh) if args.mesh else None
     try:
         model = converters.load(path, dtype=dtype, mesh=mesh)

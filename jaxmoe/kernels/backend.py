@@ -10,8 +10,8 @@ is set), and the calls that run a chosen kernel.
   went past 21 GB with it, 9.4 GB with the dense reference.
 
 `grouped_experts` runs a kernel on tokens and their routing; `grouped_mlp` runs its grouped MLP on rows
-already sorted by expert (the expert-parallel dispatch sorts its own rows). `platform` is the one place the
-MoE code reads the default backend.
+already sorted by expert (the expert-parallel dispatch sorts its own rows). `platform` (and `on_cpu`) is the one place
+jaxmoe and converters read the default backend.
 """
 from __future__ import annotations
 
@@ -31,6 +31,11 @@ FAST_CPU_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emi
 def platform() -> str:
     """The default JAX backend ('cpu', 'tpu', 'gpu', ...)."""
     return jax.default_backend()
+
+
+def on_cpu() -> bool:
+    """True when the default backend is XLA:CPU (our test bed: float32 defaults, layer-by-layer decoding)."""
+    return platform() == "cpu"
 
 
 def default_kernel() -> str:

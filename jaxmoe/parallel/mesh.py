@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import jax
+
+from jaxmoe.kernels.backend import platform
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh
 
@@ -102,7 +104,7 @@ def make_mesh(spec: str | None = None, devices: Sequence[Any] | None = None) -> 
         raise MeshError(f"mesh {spec} uses {used} devices but {n} are available")
     shape = tuple(sizes[a] for a in MESH_AXES)
     types = (AxisType.Auto,) * len(MESH_AXES)
-    if jax.default_backend() == "tpu":
+    if platform() == "tpu":
         # TPU: let jax order the chips along the ICI torus (falls back to the plain order below).
         try:
             return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)

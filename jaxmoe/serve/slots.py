@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxmoe.generate import _decode, _executable, _prefill, unrolled_decoder
+from jaxmoe.kernels.backend import on_cpu
+from jaxmoe.generate import compiled, decode_step, prefill_cache, unrolled_decoder
 from jaxmoe.layerwise import (SCRATCH_REUSE_LIMIT, LayerwiseExtend, LayerwisePrefill, LayerwiseStep,
                               per_layer_cache)
 from jaxmoe.nn.model import KVCache
@@ -195,7 +196,7 @@ class DecodeSlots:
         graphdef, state = nnx.split(model)
         self.leaves, treedef = jax.tree.flatten(state)
         self._model_args = (graphdef, treedef, self.leaves)
-        self.decoder = unrolled_decoder(model) if mesh is None and jax.default_backend() == "cpu" else None
+        self.decoder = unrolled_decoder(model) if mesh is None and on_cpu() else None
         self.small = (lambda x: replicate(jnp.asarray(x), mesh)) if mesh is not None else jnp.asarray
         # The write index stays in [max_seq_len, length): a prompt's real tokens always fit before it.
         self.index = max_seq_len  # the host's copy of cache.index
@@ -232,10 +233,10 @@ class DecodeSlots:
         args = self._prefill_inputs(bucket)
         length = bucket - 1
         if self.decoder is not None:
-            layerwise = LayerwisePrefill(self.decoder, *args, length, _executable)
+            layerwise = LayerwisePrefill(self.decoder, *args, length, compiled)
             if layerwise.scratch_bytes <= SCRATCH_REUSE_LIMIT:
                 return layerwise
-        exe = _executable("prefill", _prefill, {"length": length, "mesh": self.mesh}, (*self._model_args, *args))[0]
+        exe = compiled("prefill", prefill_cache, {"length": length, "mesh": self.mesh}, (*self._model_args, *args))[0]
         scanned = functools.partial(exe, self.leaves)
         return scanned if self.decoder is None else (lambda *a: per_layer_cache(scanned(*a)))
 
@@ -247,7 +248,7 @@ class DecodeSlots:
         self.windowed = {}  # span -> a decode step that attends over the last `span` slots only
         if self.decoder is not None:
             greedy = sampling_config(0.0, None, None, c.vocab_size)
-            step_args = (self.decoder, aval, tok, tok, self._done, self._key, self._step, self._scalars, _executable,
+            step_args = (self.decoder, aval, tok, tok, self._done, self._key, self._step, self._scalars, compiled,
                          greedy, True)
             self.decode = LayerwiseStep(*step_args)
             self.windowed = {s: LayerwiseStep(*step_args, span=s) for s in window_spans(self.length)}
@@ -255,7 +256,7 @@ class DecodeSlots:
             static = {"sampling": sampling_config(0.0, None, None, c.vocab_size), "return_logits": True,
                       "mesh": mesh}
             args = (*self._model_args, aval, tok, tok, self._done, self._key, self._step, *self._scalars)
-            self.decode = functools.partial(_executable("decode", _decode, static, args, donate=(3,))[0],
+            self.decode = functools.partial(compiled("decode", decode_step, static, args, donate=(3,))[0],
                                             self.leaves)
         f32 = self.small(np.zeros((b,), np.float32))
         self.sampler = self._jit(sample_rows, self.small(np.zeros((b, c.vocab_size), np.float32)), f32, f32, tok,
@@ -278,10 +279,10 @@ class DecodeSlots:
                 seeded = _seeded(seed, a + bucket - 1)
                 if self.decoder is not None:  # layer by layer, like the other CPU programs
                     seeded = per_layer_cache(seeded)
-                    extend = LayerwiseExtend(self.decoder, seeded, *self._prefill_inputs(bucket), _executable)
+                    extend = LayerwiseExtend(self.decoder, seeded, *self._prefill_inputs(bucket), compiled)
                 else:
                     args = (*self._model_args, seeded, *self._prefill_inputs(bucket))
-                    extend = functools.partial(_executable("prefill", _extend, {"mesh": mesh}, args)[0],
+                    extend = functools.partial(compiled("prefill", _extend, {"mesh": mesh}, args)[0],
                                                self.leaves)
                 self.after_prefix[bucket] = (seeded, extend,
                                              self._jit(insert, aval, self._empty(1, a + bucket - 1),
@@ -296,7 +297,7 @@ class DecodeSlots:
         ids = self.small(self.prefix[None])
         args = (*self._model_args, ids, self.small(np.arange(a, dtype=np.int32)[None]),
                 self.small(np.ones((1, a), bool)))
-        exe = _executable("prefill", _prefill, {"length": a, "mesh": self.mesh}, args)[0]
+        exe = compiled("prefill", prefill_cache, {"length": a, "mesh": self.mesh}, args)[0]
         return exe(self.leaves, *args[3:])
 
     # ---- running -----------------------------------------------------------------------------------
