@@ -260,7 +260,7 @@ def test_queue_limit_and_stop_string_hold_back():
 def test_cached_prefix_gives_the_tokens_of_a_whole_prefill(model_dir, mesh):
     """Prompts that begin with the cached prefix prefill only the rest, yet every request gets offline greedy
     tokens; prompts without it, or with nothing after it but their last token, take the whole prefill. On one
-    CPU device the rest runs layer by layer, on a mesh as one program."""
+    CPU device the rest runs layer by layer, several prompts at once, on a mesh as one program."""
     tok = make_tokenizer()
     assert chat_preamble(tok) == tok("<s> user : ", add_special_tokens=False)["input_ids"] == [1, 3, 23]
     prefix = [1, 3, 23, 40, 41, 7]
@@ -274,7 +274,7 @@ def test_cached_prefix_gives_the_tokens_of_a_whole_prefill(model_dir, mesh):
                    pad_token_id=0)[:, ids.shape[1]:]
     mesh = make_mesh(mesh) if mesh else None
     with use_mesh(mesh):
-        slots = DecodeSlots(converters.load(model_dir, mesh=mesh), 4 if mesh else 3, 64, prefix=prefix)
+        slots = DecodeSlots(converters.load(model_dir, mesh=mesh), 4, 64, prefix=prefix)
     assert sorted(slots.after_prefix) == [16, 32]  # 6 + 64 - 1 slots would not fit before the write index
     engine = Engine(slots, tok, [EOS])
     got = [[] for _ in prompts]
@@ -296,6 +296,8 @@ def test_cached_prefix_gives_the_tokens_of_a_whole_prefill(model_dir, mesh):
         want = ref[i, :budgets[i]].tolist()
         assert got[i] == (want[:want.index(EOS)] if EOS in want else want), i
     assert slots.prefix_hits == 6
+    # One device: prompts admitted together after the prefix in the same bucket are prefilled as one batch.
+    assert (slots.grouped_runs > 0) == (mesh is None) and sorted(slots.grouped) == ([] if mesh else [16, 32])
     assert engine.metrics.cached_prompt_tokens == 6 * len(prefix)
     # One device: steps attend over 32 slots, or 64 while the 40-token prompt runs; a mesh: the whole cache.
     assert set(slots.spans) == ({96} if mesh else {32, 64}), slots.spans

@@ -185,20 +185,29 @@ class Engine:
                 close()
 
     def _admit(self) -> None:
-        """Move waiting requests into free rows (prefill + insert), dropping cancelled ones."""
-        for row in range(len(self.rows)):
-            if self.rows[row] is not None:
-                continue
-            with self.cond:
-                req = self.waiting.popleft() if self.waiting else None
-                self.metrics.queue_depth = len(self.waiting)
+        """Move waiting requests into free rows (prefilled together: `insert_many`), dropping cancelled ones."""
+        admitted = []
+        for row in (r for r in range(len(self.rows)) if self.rows[r] is None):
+            req = None
+            while req is None:
+                with self.cond:
+                    req = self.waiting.popleft() if self.waiting else None
+                    self.metrics.queue_depth = len(self.waiting)
+                if req is None:
+                    break
+                if req.cancelled.is_set():
+                    self._finish(req, "cancelled")
+                    req = None
+                    continue
             if req is None:
-                return
-            if req.cancelled.is_set():
-                self._finish(req, "cancelled")
-                continue
+                break
+            admitted.append((row, req))
+        if not admitted:
+            return
+        cached = self.device.insert_many([row for row, _ in admitted], [req.prompt for _, req in admitted])
+        for (row, req), n in zip(admitted, cached):
             s = req.sampling
-            self.metrics.cached_prompt_tokens += self.device.insert(row, req.prompt)
+            self.metrics.cached_prompt_tokens += n
             self.rows[row] = req
             self.tokens[row], self.positions[row] = req.prompt[-1], len(req.prompt) - 1
             self.params.temperature[row], self.params.top_p[row] = s.temperature, s.top_p

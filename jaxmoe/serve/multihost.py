@@ -57,6 +57,10 @@ class Broadcaster:
         self._send(INSERT, row, prompt)
         return self.slots.insert(row, prompt)
 
+    def insert_many(self, rows, prompts) -> list[int]:
+        """One `insert` after another: each is sent as it is made (a mesh has no grouped prefill)."""
+        return [self.insert(row, prompt) for row, prompt in zip(rows, prompts)]
+
     def step(self, tokens: np.ndarray, positions: np.ndarray, params: SlotParams | None) -> np.ndarray:
         """Send, then step here."""
         self._send(STEP, tokens=tokens, positions=positions, params=params)
