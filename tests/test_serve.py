@@ -243,6 +243,35 @@ class _FakeDevice:
     batch = 2
 
 
+class _RecordingDevice:
+    """Stands in for DecodeSlots: records each insert_many call."""
+
+    batch = 3
+
+    def __init__(self):
+        self.calls = []
+
+    def insert_many(self, rows, prompts):
+        self.calls.append((list(rows), [list(p) for p in prompts]))
+        return [0] * len(rows)
+
+
+def test_admission_skips_cancelled_requests_and_fills_every_free_row_in_one_call():
+    device = _RecordingDevice()
+    engine = Engine(device, None, [EOS])
+    events = []
+    reqs = [Request([i + 3, 9], Sampling(4), events.append) for i in range(5)]
+    for r in reqs:
+        engine.submit(r)
+    reqs[0].cancel()
+    reqs[2].cancel()
+    engine._admit()
+    assert device.calls == [([0, 1, 2], [[4, 9], [6, 9], [7, 9]])]  # the cancelled ones leave no row empty
+    assert [r.id for r in engine.rows] == [reqs[1].id, reqs[3].id, reqs[4].id]
+    assert [e.finish_reason for e in events] == ["cancelled", "cancelled"] and not engine.waiting
+    assert engine.positions.tolist() == [1, 1, 1] and engine.tokens.tolist() == [9, 9, 9]
+
+
 def test_queue_limit_and_stop_string_hold_back():
     engine = Engine(_FakeDevice(), None, [EOS], max_queue=2)
     s = Sampling(4)
