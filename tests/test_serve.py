@@ -228,6 +228,40 @@ def test_disconnect_cancels_then_sigterm_drains_and_exits_0(server):
     assert proc.wait(timeout=30) == 0
 
 
+def test_full_queue_answers_429_then_serves_again(model_dir):
+    """A live server with 2 slots and room for 1 waiting request: of 12 sent at once, those that find a request
+    already waiting get an OpenAI-style 429 at once (how many depends on how fast the engine moves the waiting
+    one into a slot); the others complete, and the server takes new requests afterwards."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.Popen([sys.executable, "-m", "jaxmoe.cli", "serve", str(model_dir), "--port", str(port),
+                             "--max-batch", "2", "--max-queue", "1", "--max-seq-len", "32", "--served-model-name",
+                             "tiny"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait(proc, port)
+        url = f"http://127.0.0.1:{port}"
+        body = {"model": "tiny", "prompt": [7, 8, 9], "max_tokens": 28, "temperature": 0, "return_token_ids": True}
+        start = threading.Barrier(12)
+
+        def send(_):
+            start.wait()
+            return httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(send, range(12)))
+        codes = sorted(r.status_code for r in answers)
+        assert set(codes) == {200, 429}, codes
+        refused = next(r for r in answers if r.status_code == 429).json()["error"]
+        assert "waiting" in refused["message"] and refused["type"], refused
+        done = [r.json()["choices"][0]["token_ids"] for r in answers if r.status_code == 200]
+        assert all(t == done[0] and len(t) == 28 for t in done)
+        again = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert again.status_code == 200 and again.json()["choices"][0]["token_ids"] == done[0]
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
 def test_cli_bad_arguments_exit_2(tmp_path, model_dir, capsys):
     from jaxmoe.cli import main
 
