@@ -38,6 +38,7 @@ from jaxmoe.nn.model import KVCache
 from jaxmoe.parallel.mesh import use_mesh
 from jaxmoe.parallel.placement import placed_mesh, replicate, shard_cache
 from jaxmoe.sampling import sampling_config, top_p_filter
+from jaxmoe.serve.cache_rows import compact, extend_cache, insert_part, insert_part_of, seeded_cache
 
 MIN_BUCKET = 16
 GROUP = 4  # prompts after the cached prefix prefilled together (`DecodeSlots.insert_many`)
@@ -90,67 +91,6 @@ def sample_rows(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, top
     return jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
-def _placed(src: jax.Array, shift: jax.Array, axis: int, length: int) -> jax.Array:
-    """`src` (n slots along `axis`) in an empty row of `length` slots, its slot j at shift + j; slots past the
-    end are dropped (only a part's trailing pads reach there). An update into a zero row, not `jnp.roll`: the
-    insert of a SmolLM2 part took 18 ms with roll, 1.7 ms so."""
-    axis %= src.ndim
-    n = src.shape[axis]
-    zeros = jnp.zeros(src.shape[:axis] + (length + n,) + src.shape[axis + 1:], src.dtype)
-    return jax.lax.slice_in_dim(jax.lax.dynamic_update_slice_in_dim(zeros, src, shift, axis), 0, length, axis=axis)
-
-
-def _row_put(dst: jax.Array, src: jax.Array, row: jax.Array, shift: jax.Array, keys: bool, length: int,
-             kv_heads: int) -> jax.Array:
-    """Write one request's stored cache array `src` (batch 1, n slots) into row `row` of `dst` (batch B,
-    `length` slots), its slot j landing at shift + j."""
-    placed = _placed(src, shift, -1 if keys else -2, length)
-    lead = src.ndim - 2 - (kv_heads != 1)  # layer axes of a stacked cache; dst's batch axis comes next
-    return jax.lax.dynamic_update_index_in_dim(dst, placed.astype(dst.dtype), row, lead)
-
-
-def _insert(cache: KVCache, part: KVCache, row: jax.Array, tail: jax.Array, *, mesh, config) -> KVCache:
-    """The cache with row `row` replaced by the prefilled `part`, its last real slot just before the write index
-    (`tail`: how many pad slots end the part; they land on the next slots, still invalid)."""
-    length = cache.valid.shape[1]
-    shift = cache.index - part.valid.shape[1] + tail
-    kv = config.num_kv_heads
-    k = tuple(_row_put(d, s, row, shift, True, length, kv) for d, s in zip(cache.k, part.k))
-    v = tuple(_row_put(d, s, row, shift, False, length, kv) for d, s in zip(cache.v, part.v))
-    valid_row = _placed(part.valid[0], shift, 0, length)
-    valid = jax.lax.dynamic_update_index_in_dim(cache.valid, valid_row, row, 0)
-    out = KVCache(k, v, valid, cache.index)
-    return out if mesh is None else shard_cache(out, mesh, config)
-
-
-def _insert_one_of(cache: KVCache, part: KVCache, j: jax.Array, row: jax.Array, tail: jax.Array, *, mesh,
-                   config) -> KVCache:
-    """`_insert` of row j of a per-layer `part` of several prompts (batch-1 arrays drop their batch axis)."""
-    one = KVCache(*(tuple(jax.lax.dynamic_index_in_dim(x, j, 0, keepdims=False) for x in xs)
-                    for xs in (part.k, part.v)), jax.lax.dynamic_slice_in_dim(part.valid, j, 1, 0), part.index)
-    return _insert(cache, one, row, tail, mesh=mesh, config=config)
-
-
-def _extend(graphdef, treedef, leaves, cache: KVCache, ids, positions, mask, *, mesh) -> KVCache:
-    """`cache` (holding a prompt prefix, index after it) with the prompt's remaining tokens written after it."""
-    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-    out = model.forward(ids, positions, mask, cache).cache
-    return out if mesh is None else shard_cache(out, mesh, model.config)
-
-
-def _seeded(prefix: KVCache, length: int) -> KVCache:
-    """A batch-1 cache of `length` slots whose first slots hold `prefix` (all valid), index after it."""
-    a = prefix.valid.shape[1]
-
-    def pad(x, axis):
-        widths = [(0, 0)] * x.ndim
-        widths[axis] = (0, length - a)
-        return jnp.pad(x, widths)
-
-    return KVCache(tuple(pad(k, -1) for k in prefix.k), tuple(pad(v, -2) for v in prefix.v), pad(prefix.valid, 1),
-                   prefix.index)
-
-
 def _common(*seqs: Sequence) -> int:
     """The length of the longest common prefix of the sequences."""
     n = 0
@@ -175,16 +115,6 @@ def chat_preamble(tokenizer: Any) -> list[int]:
     shared = encode(texts[0][:_common(*texts)])
     renders = [encode(t) for t in texts]
     return shared[:_common(shared, *renders)]
-
-
-def _compact(cache: KVCache, *, margin: int, mesh, config) -> KVCache:
-    """Every row shifted `margin` slots left; the slots that wrap around are marked empty."""
-    roll = lambda a, axis: jnp.roll(a, -margin, axis=axis)  # noqa: E731
-    length = cache.valid.shape[1]
-    keep = jnp.arange(length) < length - margin
-    out = KVCache(tuple(roll(a, -1) for a in cache.k), tuple(roll(a, -2) for a in cache.v),
-                  roll(cache.valid, 1) & keep[None, :], cache.index - margin)
-    return out if mesh is None else shard_cache(out, mesh, config)
 
 
 class DecodeSlots:
@@ -278,10 +208,10 @@ class DecodeSlots:
         f32 = self.small(np.zeros((b,), np.float32))
         self.sampler = self._jit(sample_rows, self.small(np.zeros((b, c.vocab_size), np.float32)), f32, f32, tok,
                                  self.small(np.zeros((b,), np.uint32)), tok)
-        self.compactor = self._jit(functools.partial(_compact, margin=self.margin, mesh=mesh, config=c), aval,
+        self.compactor = self._jit(functools.partial(compact, margin=self.margin, mesh=mesh, config=c), aval,
                                    donate=(0,))
         self.prefills, self.inserts = {}, {}
-        insert = functools.partial(_insert, mesh=mesh, config=c)
+        insert = functools.partial(insert_part, mesh=mesh, config=c)
         for bucket in self.buckets:
             self.prefills[bucket] = self._prefill_program(bucket)
             self.inserts[bucket] = self._jit(insert, aval, self._empty(1, bucket - 1), *self._zeros(2),
@@ -294,13 +224,13 @@ class DecodeSlots:
             for bucket in self.buckets:
                 if a + bucket - 1 > self.max_seq_len:
                     break
-                seeded = _seeded(seed, a + bucket - 1)
+                seeded = seeded_cache(seed, a + bucket - 1)
                 if self.decoder is not None:  # layer by layer, like the other CPU programs
                     seeded = per_layer_cache(seeded)
                     extend = LayerwiseExtend(self.decoder, seeded, *self._prefill_inputs(bucket), compiled)
                 else:
                     args = (*self._model_args, seeded, *self._prefill_inputs(bucket))
-                    extend = functools.partial(compiled("prefill", _extend, {"mesh": mesh}, args)[0],
+                    extend = functools.partial(compiled("prefill", extend_cache, {"mesh": mesh}, args)[0],
                                                self.leaves)
                 self.after_prefix[bucket] = (seeded, extend,
                                              self._jit(insert, aval, self._empty(1, a + bucket - 1),
@@ -317,7 +247,7 @@ class DecodeSlots:
         extend = LayerwiseExtend(self.decoder, many, self.small(z), self.small(z), self.small(z.astype(bool)),
                                  compiled)
         # The extend's output has the shapes of its input cache.
-        insert = self._jit(functools.partial(_insert_one_of, mesh=self.mesh, config=self.config), aval, many,
+        insert = self._jit(functools.partial(insert_part_of, mesh=self.mesh, config=self.config), aval, many,
                            *self._zeros(3), donate=(0,))
         return many, extend, insert
 
