@@ -186,22 +186,17 @@ class Engine:
 
     def _admit(self) -> None:
         """Move waiting requests into free rows (prefilled together: `insert_many`), dropping cancelled ones."""
-        admitted = []
-        for row in (r for r in range(len(self.rows)) if self.rows[r] is None):
-            req = None
-            while req is None:
-                with self.cond:
-                    req = self.waiting.popleft() if self.waiting else None
-                    self.metrics.queue_depth = len(self.waiting)
-                if req is None:
-                    break
-                if req.cancelled.is_set():
-                    self._finish(req, "cancelled")
-                    req = None
-                    continue
+        admitted, free = [], [r for r in range(len(self.rows)) if self.rows[r] is None]
+        while free:
+            with self.cond:
+                req = self.waiting.popleft() if self.waiting else None
+                self.metrics.queue_depth = len(self.waiting)
             if req is None:
                 break
-            admitted.append((row, req))
+            if req.cancelled.is_set():
+                self._finish(req, "cancelled")
+                continue
+            admitted.append((free.pop(0), req))
         if not admitted:
             return
         cached = self.device.insert_many([row for row, _ in admitted], [req.prompt for _, req in admitted])
