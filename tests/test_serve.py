@@ -171,8 +171,86 @@ def test_sampling_settings_per_request(server):
     assert len(draws) >= 3
 
 
+def _hf_logprobs(model_dir: Path, ids: list[int]):
+    """log-softmax [T, V] of transformers' logits for `ids` (the reference of the served log-probabilities)."""
+    import torch
+    import transformers as tf
+
+    model = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1).numpy()
+
+
+def _check_logprobs(ref: np.ndarray, at: int, ids: list[int], chosen: list[float], tops: list[dict], n: int):
+    """Token j of `ids` (generated after position at - 1) has transformers' log-probability, and its n
+    alternatives are transformers' n likeliest tokens (by their decoded words) with theirs."""
+    tok = make_tokenizer()
+    assert len(chosen) == len(tops) == len(ids) > 0
+    for j, (t, lp, top) in enumerate(zip(ids, chosen, tops)):
+        row = ref[at - 1 + j]
+        assert abs(lp - row[t]) < 1e-4, (j, lp, row[t])
+        best = np.argsort(-row)[:n]
+        assert set(top) == {tok.decode([int(i)]) for i in best}, (j, top)
+        np.testing.assert_allclose(sorted(top.values(), reverse=True), row[best], atol=1e-4)
+
+
+def test_logprobs_are_those_of_transformers_streamed_or_not(server, model_dir):
+    _, url, _ = server
+    tok = make_tokenizer()
+    prompt = [5, 9, 17, 30]
+    post = lambda path, body: httpx.post(f"{url}{path}", json={"model": "tiny", **body}, headers=AUTH,  # noqa: E731
+                                         timeout=60)
+    # Completions, greedy and sampled (the values are the model's distribution, before temperature).
+    for extra in ({"temperature": 0}, {"temperature": 1.5, "seed": 7}):
+        r = post("/v1/completions", {"prompt": prompt, "max_tokens": 6, "logprobs": 3, "return_token_ids": True,
+                                     **extra})
+        choice = r.json()["choices"][0]
+        ids, lp = choice["token_ids"], choice["logprobs"]
+        ref = _hf_logprobs(model_dir, prompt + ids)
+        _check_logprobs(ref, len(prompt), ids, lp["token_logprobs"], lp["top_logprobs"], 3)
+        assert lp["tokens"] == [tok.decode([i]) for i in ids]
+        assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:j]) for j in range(len(ids))]
+        if extra["temperature"] == 0:
+            greedy = (ids, lp)
+            assert ids == [int(np.argmax(ref[len(prompt) - 1 + j])) for j in range(len(ids))]
+    # Streamed: the chunks' log-probabilities add up to the same; include_usage ends with a usage-only chunk.
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 6, "temperature": 0, "logprobs": 3, "stream": True,
+            "return_token_ids": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=AUTH, timeout=60) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == len(greedy[0])
+    streamed = {k: [x for c in chunks[:-1] for x in c["choices"][0]["logprobs"][k]] for k in greedy[1]}
+    assert [i for c in chunks[:-1] for i in c["choices"][0]["token_ids"]] == greedy[0]
+    assert streamed["tokens"] == greedy[1]["tokens"] and streamed["text_offset"] == greedy[1]["text_offset"]
+    np.testing.assert_allclose(streamed["token_logprobs"], greedy[1]["token_logprobs"], atol=1e-6)
+    # Chat: logprobs true with top_logprobs 2, in the chat format (token, logprob, bytes, top_logprobs).
+    messages = [{"role": "user", "content": "write code"}]
+    r = post("/v1/chat/completions", {"messages": messages, "max_tokens": 4, "temperature": 0, "logprobs": True,
+                                      "top_logprobs": 2, "return_token_ids": True})
+    choice = r.json()["choices"][0]
+    content, ids = choice["logprobs"]["content"], choice["token_ids"]
+    chat_ids = tok(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                   add_special_tokens=False)["input_ids"]
+    ref = _hf_logprobs(model_dir, list(chat_ids) + ids)
+    _check_logprobs(ref, len(chat_ids), ids, [c["logprob"] for c in content],
+                    [{t["token"]: t["logprob"] for t in c["top_logprobs"]} for c in content], 2)
+    assert all(c["token"] == tok.decode([i]) and c["bytes"] == list(c["token"].encode())
+               for c, i in zip(content, ids))
+    # Without logprobs a choice has none.
+    r = post("/v1/chat/completions", {"messages": messages, "max_tokens": 2, "temperature": 0})
+    assert r.json()["choices"][0]["logprobs"] is None
+
+
+def _metric(url: str, name: str) -> float:
+    """The value of one Prometheus sample of the server's /metrics."""
+    lines = [ln for ln in httpx.get(url + "/metrics").text.splitlines() if ln.startswith(name + " ")]
+    return float(lines[0].split()[-1]) if lines else 0.0
+
+
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     _, url, _ = server
+    cached = _metric(url, "jaxmoe_prompt_tokens_cached_total")
+    unauthorized = _metric(url, 'jaxmoe_requests_total{outcome="http_401"}')
     post = lambda body, headers=AUTH, path="/v1/completions": httpx.post(  # noqa: E731
         url + path, content=body if isinstance(body, str) else json.dumps(body), headers=headers, timeout=30)
     cases = [
@@ -186,6 +264,10 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         ({"model": "tiny", "prompt": "a", "max_tokens": 0}, AUTH, 400, "max_tokens"),
         ({"model": "tiny", "prompt": "a", "stop": [1]}, AUTH, 400, "stop"),
         ({"model": "tiny", "prompt": [500]}, AUTH, 400, "prompt"),
+        ({"model": "tiny", "prompt": "a", "logprobs": 21}, AUTH, 400, "logprobs"),
+        ({"model": "tiny", "prompt": "a", "echo": True}, AUTH, 400, "echo"),
+        ({"model": "tiny", "prompt": "a", "presence_penalty": 0.5}, AUTH, 400, "presence_penalty"),
+        ({"model": "tiny", "prompt": "a", "logit_bias": {"5": 100}}, AUTH, 400, "logit_bias"),
         ({"model": "tiny", "prompt": "a"}, {}, 401, None),
         ({"model": "tiny", "prompt": "a"}, {"Authorization": "Bearer nope"}, 401, None),
     ]
@@ -196,6 +278,11 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         assert err["param"] == param and err["message"] and err["type"], err
     r = post({"messages": [{"role": "user", "content": 3}]}, path="/v1/chat/completions")
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = post({"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}, path="/v1/chat/completions")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+    # The "off" values of parameters we do not implement are accepted.
+    r = post({"prompt": "a", "max_tokens": 1, "echo": False, "best_of": 1, "presence_penalty": 0, "logit_bias": {}})
+    assert r.status_code == 200, r.text
     # Still serving: a chat completion after all of that.
     r = post({"model": "tiny", "messages": [{"role": "user", "content": "write code"}],
               "max_tokens": 3, "temperature": 0}, path="/v1/chat/completions")
@@ -203,9 +290,10 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     assert r.json()["usage"]["completion_tokens"] >= 1
     assert httpx.get(url + "/v1/models", headers=AUTH).json()["data"][0]["id"] == "tiny"
     metrics = httpx.get(url + "/metrics").text
-    assert 'jaxmoe_requests_total{outcome="http_401"} 2' in metrics
+    assert _metric(url, 'jaxmoe_requests_total{outcome="http_401"}') == unauthorized + 2
     assert "jaxmoe_batch_slots 4" in metrics and "jaxmoe_queue_depth 0" in metrics
-    assert "jaxmoe_prompt_tokens_cached_total 3" in metrics  # the chat preamble "<s> user :" of the one chat
+    # The chat preamble "<s> user :" of the one chat that got through.
+    assert _metric(url, "jaxmoe_prompt_tokens_cached_total") == cached + 3
 
 
 def test_disconnect_cancels_then_sigterm_drains_and_exits_0(server):
@@ -401,6 +489,12 @@ def test_two_processes_serve_the_same_tokens_as_one(server, two_hosts):
     for i, (tokens, _, _) in enumerate(got):
         want = ref[i, :BUDGETS[i]].tolist()
         assert tokens == (want[:want.index(EOS)] if EOS in want else want), i
+    # Log-probabilities on the mesh (the followers run the same log-softmax program) equal one process's.
+    lps = [httpx.post(f"{u}/v1/completions", headers=AUTH, timeout=60, json={
+        "model": "tiny", "prompt": [5, 9, 17, 30], "max_tokens": 5, "temperature": 0, "logprobs": 2}).json()
+        ["choices"][0]["logprobs"] for u in (url, server[1])]
+    assert lps[0]["tokens"] == lps[1]["tokens"] and len(lps[0]["tokens"]) > 0
+    np.testing.assert_allclose(lps[0]["token_logprobs"], lps[1]["token_logprobs"], atol=2e-5)
     procs[0].send_signal(signal.SIGTERM)
     codes = [p.wait(timeout=60) for p in procs]
     assert codes == [0, 0], [p.communicate()[1][-2000:] for p in procs]

@@ -3,6 +3,11 @@ when `stream` is true), GET /v1/models, /health and /metrics. Errors are OpenAI-
 `{"error": {"message", "type", "param", "code"}}`: 400 bad input, 401 missing or wrong key, 404 unknown model,
 429 queue full, 503 shutting down. A client that disconnects cancels its request.
 
+Log-probabilities (`logprobs` of completions, `logprobs` and `top_logprobs` of chat) are those of the model's
+distribution (log-softmax of the raw logits, before temperature, top-k and top-p), of the generated tokens (not
+the prompt's: no `echo`). A parameter that would change the answer and is not implemented (`echo`, `best_of`,
+penalties, `logit_bias`, `tools`, ...) is refused with 400 rather than ignored.
+
 Extensions to the OpenAI request: `top_k`, and `return_token_ids` (each choice then carries `token_ids`)."""
 from __future__ import annotations
 
@@ -18,7 +23,15 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from jaxmoe.serve.engine import Draining, Engine, Event, QueueFull, Request, Sampling
+from jaxmoe.serve.engine import Draining, Engine, Event, Logprob, QueueFull, Request, Sampling
+from jaxmoe.serve.row_sampling import TOP_LOGPROBS
+
+# Parameters that would change the answer but are not implemented, with the values that mean "off" (accepted).
+UNSUPPORTED = {"echo": (None, False), "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}),
+               "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "repetition_penalty": (None, 1),
+               "min_p": (None, 0), "tools": (None, []), "response_format": (None, {"type": "text"}),
+               "prompt_logprobs": (None, 0)}
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf: a token the model rules out is reported at this log-probability
 
 
 class ApiError(Exception):
@@ -51,6 +64,12 @@ def _number(body: dict, name: str, default, kind=float, lo=None, hi=None, lo_ope
     return value
 
 
+def _is_off(value: Any, off: tuple) -> bool:
+    """`value` is one of the values in `off`, a number only as a number (neither False nor "0" is 0)."""
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    return any(value is v or value == v and number(value) == number(v) and type(value) is not bool for v in off)
+
+
 class Api:
     """The routes over one engine serving one model named `model_name`."""
 
@@ -77,6 +96,10 @@ class Api:
                                 f"'{self.model_name}'", "model")
         if body.get("n", 1) != 1:
             raise ApiError(400, "only n=1 is supported", "n")
+        for name, off in UNSUPPORTED.items():
+            if name in body and not _is_off(body[name], off):
+                raise ApiError(400, f"'{name}' is not supported by this server (jaxmoe serve); leave it out",
+                               name)
         return body
 
     def _sampling(self, body: dict, prompt_len: int, default_max: int | None, where: str) -> Sampling:
@@ -97,6 +120,38 @@ class Api:
                         _number(body, "top_p", 1.0, float, 0.0, 1.0, lo_open=True),
                         _number(body, "top_k", 0, int, 0, 2**31 - 1), _number(body, "seed", 0, int, 0, 2**32 - 1),
                         tuple(stop))
+
+    @staticmethod
+    def _logprobs(body: dict, chat: bool) -> int | None:
+        """How many alternatives per generated token the request wants reported (None: no log-probabilities).
+        Completions: `logprobs` n; chat: `logprobs` true, with `top_logprobs` n (default 0)."""
+        if not chat:
+            return _number(body, "logprobs", None, int, 0, TOP_LOGPROBS)
+        want = body.get("logprobs")
+        if want not in (None, True, False):
+            raise ApiError(400, f"'logprobs' must be true or false, got {want!r}", "logprobs")
+        top = _number(body, "top_logprobs", None, int, 0, TOP_LOGPROBS)
+        if top is not None and not want:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        return (top or 0) if want else None
+
+    def _logprobs_json(self, ids: list[int], logprobs: list[Logprob] | None, chat: bool, offset: int
+                       ) -> tuple[dict | None, int]:
+        """The `logprobs` object of a choice (or chunk) with tokens `ids`, in OpenAI's format for chat or
+        completions, and the text offset after them (completions count `text_offset` on from `offset`)."""
+        if logprobs is None:
+            return None, offset
+        word = lambda i: self.tokenizer.decode([i])  # noqa: E731
+        value = lambda x: max(x, LOGPROB_FLOOR)  # noqa: E731
+        tokens = [word(i) for i in ids]
+        if chat:
+            entry = lambda t, x: {"token": t, "logprob": value(x), "bytes": list(t.encode())}  # noqa: E731
+            return {"content": [{**entry(t, x), "top_logprobs": [entry(word(i), y) for i, y in top]}
+                                for t, (x, top) in zip(tokens, logprobs)], "refusal": None}, offset
+        offsets = [offset + sum(len(t) for t in tokens[:j]) for j in range(len(tokens))]
+        return {"tokens": tokens, "token_logprobs": [value(x) for x, _ in logprobs],
+                "top_logprobs": [{word(i): value(y) for i, y in top} for _, top in logprobs],
+                "text_offset": offsets}, offset + sum(len(t) for t in tokens)
 
     def _encode(self, text: str, special: bool) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
@@ -146,7 +201,12 @@ class Api:
             body = await self._body(http)
             ids = self._chat_prompt(body) if chat else self._prompt(body)
             sampling = self._sampling(body, len(ids), None if chat else 16, "messages" if chat else "prompt")
+            sampling.logprobs = self._logprobs(body, chat)
             stream = bool(body.get("stream", False))
+            options = body.get("stream_options") or {}
+            if not isinstance(options, dict):
+                raise ApiError(400, "'stream_options' must be an object", "stream_options")
+            include_usage = bool(options.get("include_usage"))
             loop, events = asyncio.get_running_loop(), asyncio.Queue()
             req = Request(ids, sampling, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
             try:
@@ -165,22 +225,24 @@ class Api:
                            "total_tokens": len(ids) + n}
         want_ids = bool(body.get("return_token_ids", False))
         if stream:
-            return StreamingResponse(self._sse(req, events, head, chat, want_ids, usage),
+            return StreamingResponse(self._sse(req, events, head, chat, want_ids, usage, include_usage),
                                      media_type="text/event-stream")
-        text, tokens, reason = [], [], None
+        text, tokens, logprobs, reason = [], [], [], None
         watch = asyncio.ensure_future(self._watch_disconnect(http, req))
         try:
             while reason is None:
                 ev: Event = await events.get()
                 text.append(ev.text)
                 tokens += ev.token_ids
+                logprobs += ev.logprobs or []
                 reason = ev.finish_reason
         finally:
             watch.cancel()
             req.cancel()  # a no-op once finished; frees the slot when this handler was cancelled
         if reason == "error":
             return _error(ApiError(500, "the engine failed while generating", kind="server_error"))
-        choice = {"index": 0, "finish_reason": reason, "logprobs": None}
+        lp = logprobs if sampling.logprobs is not None else None
+        choice = {"index": 0, "finish_reason": reason, "logprobs": self._logprobs_json(tokens, lp, chat, 0)[0]}
         choice.update({"message": {"role": "assistant", "content": "".join(text)}} if chat else {"text": "".join(text)})
         if want_ids:
             choice["token_ids"] = tokens
@@ -193,18 +255,21 @@ class Api:
                 return
             await asyncio.sleep(0.1)
 
-    async def _sse(self, req: Request, events: asyncio.Queue, head: dict, chat: bool, want_ids: bool, usage
-                   ) -> AsyncIterator[str]:
+    async def _sse(self, req: Request, events: asyncio.Queue, head: dict, chat: bool, want_ids: bool, usage,
+                   include_usage: bool) -> AsyncIterator[str]:
+        """The chunks of a streamed answer; with `include_usage`, as OpenAI, a last chunk with no choices and the
+        usage (the chunk that finishes the choice carries the usage too)."""
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
-        n = 0
+        n = offset = 0
         try:
             if chat:
                 yield _chunk(head, {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
             while True:
                 ev: Event = await events.get()
                 n += len(ev.token_ids)
-                if ev.text or ev.finish_reason or want_ids:
-                    choice = {"index": 0, "finish_reason": ev.finish_reason, "logprobs": None}
+                if ev.text or ev.finish_reason or want_ids or ev.logprobs:
+                    lp, offset = self._logprobs_json(ev.token_ids, ev.logprobs, chat, offset)
+                    choice = {"index": 0, "finish_reason": ev.finish_reason, "logprobs": lp}
                     choice.update({"delta": {"content": ev.text}} if chat else {"text": ev.text})
                     if want_ids:
                         choice["token_ids"] = ev.token_ids
@@ -212,6 +277,8 @@ class Api:
                     yield _chunk({**head, **extra}, choice)
                 if ev.finish_reason:
                     break
+            if include_usage:
+                yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage(n)})}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             req.cancel()  # the client went away (the generator is closed) or we are done

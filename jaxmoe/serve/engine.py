@@ -19,7 +19,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from jaxmoe.serve.metrics import Metrics
-from jaxmoe.serve.slots import DecodeSlots, SlotParams
+from jaxmoe.serve.row_sampling import SlotParams
+from jaxmoe.serve.slots import DecodeSlots
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +48,22 @@ class Sampling:
     top_k: int = 0  # 0: off
     seed: int = 0
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: off; n: each token's log-probability and its n likeliest alternatives
+
+
+# A generated token's log-probability and its likeliest alternatives [(token id, log-probability)].
+Logprob = tuple[float, list[tuple[int, float]]]
 
 
 @dataclasses.dataclass
 class Event:
-    """What a request learned in one step: new text (possibly empty), its new token ids, and the finish reason
-    ('stop', 'length', 'cancelled', 'error') once it is done."""
+    """What a request learned in one step: new text (possibly empty), its new token ids, the finish reason
+    ('stop', 'length', 'cancelled', 'error') once it is done, and the new tokens' `Logprob`s when asked for."""
 
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
+    logprobs: list[Logprob] | None = None
 
 
 class Request:
@@ -69,6 +76,7 @@ class Request:
         self.prompt = np.asarray(prompt, np.int32)
         self.sampling, self.on_event = sampling, on_event
         self.tokens: list[int] = []
+        self.logprobs: list[Logprob] = []  # per token in `tokens`, when sampling.logprobs is set
         self.text, self.sent, self.sent_tokens = "", 0, 0  # decoded text; how much of it and of tokens was sent
         self.cancelled = threading.Event()
         self.created = time.monotonic()
@@ -212,15 +220,20 @@ class Engine:
     def _step(self) -> None:
         active = [r for r in range(len(self.rows)) if self.rows[r] is not None]
         sampling = any(self.params.temperature[r] > 0 for r in active)
+        want = any(self.rows[r].sampling.logprobs is not None for r in active)
         t0 = time.monotonic()
-        nxt = self.device.step(self.tokens, self.positions, self.params if sampling else None)
+        nxt = self.device.step(self.tokens, self.positions, self.params if sampling else None, logprobs=want)
+        nxt, lp = nxt if want else (nxt, None)
         self.metrics.observe_step(len(active), time.monotonic() - t0)
         self.tokens[:] = nxt
         self.positions += 1
         self.params.count[:] += 1
         for row in active:
             req = self.rows[row]
-            reason = self._advance(req, int(nxt[row]))
+            n = req.sampling.logprobs
+            logprob = None if n is None else (float(lp.chosen[row]), [(int(i), float(v)) for i, v in
+                                                                      zip(lp.top_ids[row, :n], lp.top[row, :n])])
+            reason = self._advance(req, int(nxt[row]), logprob)
             if reason is not None:
                 self.rows[row] = None
                 self.device.free(row)
@@ -229,7 +242,7 @@ class Engine:
                 self._finish(req, reason)
         self.metrics.active = sum(r is not None for r in self.rows)
 
-    def _advance(self, req: Request, token: int) -> str | None:
+    def _advance(self, req: Request, token: int, logprob: Logprob | None = None) -> str | None:
         """Add one token to a request and send it its new text; the finish reason when it is done."""
         if req.cancelled.is_set():
             return "cancelled"
@@ -240,6 +253,8 @@ class Engine:
         if token in self.eos:
             return "stop"
         req.tokens.append(token)
+        if logprob is not None:
+            req.logprobs.append(logprob)
         self.metrics.generated_tokens += 1
         text = self.tokenizer.decode(req.tokens, skip_special_tokens=True)
         cut = min((i for i in (text.find(stop) for stop in s.stop) if i >= 0), default=-1)
@@ -253,13 +268,18 @@ class Engine:
         if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
             safe = min(safe, len(text) - 1)
         if safe > req.sent:
-            req.on_event(Event(text[req.sent:safe], req.tokens[req.sent_tokens:]))
+            req.on_event(Event(text[req.sent:safe], req.tokens[req.sent_tokens:], None, self._new_logprobs(req)))
             req.sent, req.sent_tokens = safe, len(req.tokens)
         return None
 
     def _finish(self, req: Request, reason: str) -> None:
         rest = req.text[req.sent:] if reason != "cancelled" else ""
-        new = req.tokens[req.sent_tokens:]
+        new, logprobs = req.tokens[req.sent_tokens:], self._new_logprobs(req)
         req.sent, req.sent_tokens = len(req.text), len(req.tokens)
         self.metrics.observe_finish(reason, time.monotonic() - req.created)
-        req.on_event(Event(rest, new, reason))
+        req.on_event(Event(rest, new, reason, logprobs))
+
+    @staticmethod
+    def _new_logprobs(req: Request) -> list[Logprob] | None:
+        """The `Logprob`s of the tokens not sent yet (None when the request did not ask)."""
+        return None if req.sampling.logprobs is None else req.logprobs[req.sent_tokens:]

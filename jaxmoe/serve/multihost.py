@@ -3,13 +3,15 @@ inputs to every process (`Broadcaster`), and the others (`follow`) make the same
 process runs the same jitted step on its share of the global mesh.
 
 A call travels as one fixed-size int32 message (one compiled broadcast): [op, row, prompt length, prompt ids padded
-to max_seq_len, then per row: token, position, temperature, top_p, top_k, seed, count, then a sampling flag].
+to max_seq_len, then per row: token, position, temperature, top_p, top_k, seed, count, then flags: 1 sampling,
+2 log-probabilities].
 """
 from __future__ import annotations
 
 import numpy as np
 
-from jaxmoe.serve.slots import DecodeSlots, SlotParams
+from jaxmoe.serve.row_sampling import SlotParams
+from jaxmoe.serve.slots import DecodeSlots
 
 STOP, INSERT, STEP, NOOP = 0, 1, 2, 3
 
@@ -35,7 +37,7 @@ class Broadcaster:
         self.slots, self.batch, self.config = slots, slots.batch, slots.config
 
     def _send(self, op: int, row: int = 0, prompt: np.ndarray | None = None, tokens=None, positions=None,
-              params: SlotParams | None = None) -> None:
+              params: SlotParams | None = None, logprobs: bool = False) -> None:
         msg = np.zeros(_size(self.slots), np.int32)
         msg[0], msg[1] = op, row
         if prompt is not None:
@@ -49,7 +51,7 @@ class Broadcaster:
                      _as_i32(p.seed, np.uint32), p.count)
             for i, part in enumerate(parts):
                 msg[at + i * b:at + (i + 1) * b] = part
-            msg[-1] = params is not None
+            msg[-1] = (params is not None) | 2 * logprobs
         _broadcast(self.slots, msg)
 
     def insert(self, row: int, prompt: np.ndarray) -> int:
@@ -61,10 +63,10 @@ class Broadcaster:
         """One `insert` after another: each is sent as it is made (a mesh has no grouped prefill)."""
         return [self.insert(row, prompt) for row, prompt in zip(rows, prompts)]
 
-    def step(self, tokens: np.ndarray, positions: np.ndarray, params: SlotParams | None) -> np.ndarray:
-        """Send, then step here."""
-        self._send(STEP, tokens=tokens, positions=positions, params=params)
-        return self.slots.step(tokens, positions, params)
+    def step(self, tokens: np.ndarray, positions: np.ndarray, params: SlotParams | None, logprobs: bool = False):
+        """Send, then step here (`DecodeSlots.step`)."""
+        self._send(STEP, tokens=tokens, positions=positions, params=params, logprobs=logprobs)
+        return self.slots.step(tokens, positions, params, logprobs=logprobs)
 
     def free(self, row: int) -> None:
         """Bookkeeping only, not sent: a multi-host job runs on a mesh, whose steps attend over the whole cache
@@ -95,6 +97,6 @@ def follow(slots: DecodeSlots) -> int:
             continue
         part = [msg[at + i * b:at + (i + 1) * b] for i in range(7)]
         params = SlotParams(part[2].view(np.float32), part[3].view(np.float32), part[4], part[5].view(np.uint32),
-                            part[6]) if msg[-1] else None
-        slots.step(part[0], part[1], params)
+                            part[6]) if msg[-1] & 1 else None
+        slots.step(part[0], part[1], params, logprobs=bool(msg[-1] & 2))
         steps += 1

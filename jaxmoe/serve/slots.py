@@ -38,7 +38,8 @@ from jaxmoe.layerwise import (SCRATCH_REUSE_LIMIT, LayerwiseExtend, LayerwisePre
 from jaxmoe.nn.model import KVCache
 from jaxmoe.parallel.mesh import use_mesh
 from jaxmoe.parallel.placement import placed_mesh, replicate, shard_cache
-from jaxmoe.sampling import sampling_config, top_p_filter
+from jaxmoe.sampling import sampling_config
+from jaxmoe.serve.row_sampling import SlotParams, TokenLogprobs, sample_rows, token_logprobs
 from jaxmoe.serve.cache_rows import compact, extend_cache, insert_part, insert_part_of, seeded_cache
 
 MIN_BUCKET = 16
@@ -64,32 +65,6 @@ def prompt_buckets(max_seq_len: int) -> list[int]:
         out.append(b)
         b *= 2
     return out + [max_seq_len]
-
-
-class SlotParams(NamedTuple):
-    """Per-row sampling settings as the sampler reads them ([B] arrays; temperature 0 = greedy, top_k 0 = off)."""
-
-    temperature: np.ndarray
-    top_p: np.ndarray
-    top_k: np.ndarray
-    seed: np.ndarray
-    count: np.ndarray  # tokens drawn so far by the request in the row: the PRNG stream position
-
-
-def sample_rows(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, top_k: jax.Array, seed: jax.Array,
-                count: jax.Array) -> jax.Array:
-    """One token per row of float32 logits [B, V], each row with its own settings: argmax where temperature is
-    0, else a draw with key fold_in(key(seed), count) after temperature, top-k, then top-p (the order of
-    `jaxmoe.sampling`). A request's draws depend only on its own seed and logits, not on its batch mates."""
-    x = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-    ranked = -jnp.sort(-x, axis=-1)
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, x.shape[-1]), x.shape[-1])
-    kth = jnp.take_along_axis(ranked, (k - 1)[:, None], axis=-1)
-    x = jnp.where(x < kth, -jnp.inf, x)
-    x = top_p_filter(x, top_p[:, None])
-    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seed, count)
-    drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, x)
-    return jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
 def _common(*seqs: Sequence) -> int:
@@ -209,6 +184,7 @@ class DecodeSlots:
         f32 = self.small(np.zeros((b,), np.float32))
         self.sampler = self._jit(sample_rows, self.small(np.zeros((b, c.vocab_size), np.float32)), f32, f32, tok,
                                  self.small(np.zeros((b,), np.uint32)), tok)
+        self.logprobs = self._jit(token_logprobs, self.small(np.zeros((b, c.vocab_size), np.float32)), tok)
         self.compactor = self._jit(functools.partial(compact, margin=self.margin, mesh=mesh, config=c), aval,
                                    donate=(0,))
         self.prefills, self.inserts = {}, {}
@@ -354,9 +330,10 @@ class DecodeSlots:
         return self.decode
 
     def step(self, tokens: np.ndarray, positions: np.ndarray, params: SlotParams | None,
-             return_logits: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+             return_logits: bool = False, logprobs: bool = False) -> Any:
         """One decode step over all rows (token [B] at position [B]); params None = greedy everywhere. The next
-        token of each row, and with `return_logits` also the float32 logits [B, V] it was chosen from."""
+        token of each row; with `return_logits` (nxt, the float32 logits [B, V] it was chosen from), with
+        `logprobs` (nxt, `TokenLogprobs`)."""
         if self.index == self.length:
             self.cache = self.compactor(self.cache)
             self.index -= self.margin
@@ -366,6 +343,8 @@ class DecodeSlots:
         self.index += 1
         if params is not None:
             nxt = self.sampler(logits, *(self.small(np.asarray(x)) for x in params))
+        if logprobs:
+            return np.asarray(nxt), TokenLogprobs(*(np.asarray(x) for x in self.logprobs(logits, nxt)))
         return (np.asarray(nxt), np.asarray(logits)) if return_logits else np.asarray(nxt)
 
 

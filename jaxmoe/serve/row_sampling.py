@@ -1,0 +1,57 @@
+"""Per-row token selection after a decode step: each row of the continuous batch draws with its own request's
+settings (`sample_rows`) and reports log-probabilities when its request asks for them (`token_logprobs`)."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmoe.sampling import top_p_filter
+
+TOP_LOGPROBS = 20  # alternatives per token a step can report (OpenAI's limit for top_logprobs)
+
+
+class SlotParams(NamedTuple):
+    """Per-row sampling settings as the sampler reads them ([B] arrays; temperature 0 = greedy, top_k 0 = off)."""
+
+    temperature: np.ndarray
+    top_p: np.ndarray
+    top_k: np.ndarray
+    seed: np.ndarray
+    count: np.ndarray  # tokens drawn so far by the request in the row: the PRNG stream position
+
+
+def sample_rows(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, top_k: jax.Array, seed: jax.Array,
+                count: jax.Array) -> jax.Array:
+    """One token per row of float32 logits [B, V], each row with its own settings: argmax where temperature is
+    0, else a draw with key fold_in(key(seed), count) after temperature, top-k, then top-p (the order of
+    `jaxmoe.sampling`). A request's draws depend only on its own seed and logits, not on its batch mates."""
+    x = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    ranked = -jnp.sort(-x, axis=-1)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, x.shape[-1]), x.shape[-1])
+    kth = jnp.take_along_axis(ranked, (k - 1)[:, None], axis=-1)
+    x = jnp.where(x < kth, -jnp.inf, x)
+    x = top_p_filter(x, top_p[:, None])
+    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seed, count)
+    drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, x)
+    return jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+
+
+class TokenLogprobs(NamedTuple):
+    """Per row of a step, from the model's distribution (log-softmax of the raw logits, before temperature,
+    top-k and top-p): the chosen token's log-probability [B] and the TOP_LOGPROBS likeliest tokens [B, K] with
+    theirs, likeliest first."""
+
+    chosen: np.ndarray
+    top_ids: np.ndarray
+    top: np.ndarray
+
+
+def token_logprobs(logits: jax.Array, chosen: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`TokenLogprobs` of float32 logits [B, V] and the tokens chosen from them [B], on the device (only
+    B x (1 + 2K) numbers go to the host)."""
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    top, top_ids = jax.lax.top_k(logp, min(TOP_LOGPROBS, logits.shape[-1]))
+    return jnp.take_along_axis(logp, chosen[:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32), top
