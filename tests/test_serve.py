@@ -236,6 +236,28 @@ def test_logprobs_are_those_of_transformers_streamed_or_not(server, model_dir):
                     [{t["token"]: t["logprob"] for t in c["top_logprobs"]} for c in content], 2)
     assert all(c["token"] == tok.decode([i]) and c["bytes"] == list(c["token"].encode())
                for c, i in zip(content, ids))
+    # echo (as evaluation harnesses score a text: max_tokens 1, logprobs 1): the prompt's tokens come first, the
+    # first with null, each other with transformers' log-probability given the ones before it.
+    prompt = [5, 9, 17, 30, 44, 3, 7]
+    body = {"prompt": prompt, "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": True,
+            "return_token_ids": True}
+    choice = post("/v1/completions", body).json()["choices"][0]
+    lp, gen = choice["logprobs"], choice["token_ids"]
+    ref = _hf_logprobs(model_dir, prompt + gen)
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None and len(gen) == 1
+    _check_logprobs(ref, 1, prompt[1:] + gen, lp["token_logprobs"][1:], lp["top_logprobs"][1:], 1)
+    assert lp["tokens"] == [tok.decode([i]) for i in prompt + gen]
+    assert choice["text"] == tok.decode(prompt) + tok.decode(gen, skip_special_tokens=True)
+    with httpx.stream("POST", f"{url}/v1/completions", json={"model": "tiny", **body, "stream": True}, headers=AUTH,
+                      timeout=60) as r:
+        chunks = [json.loads(line[6:])["choices"][0] for line in r.iter_lines() if line.startswith("data: {")]
+    assert "".join(c["text"] for c in chunks) == choice["text"]
+    assert [x for c in chunks for x in c["logprobs"]["tokens"]] == lp["tokens"]
+    assert [x for c in chunks for x in c["logprobs"]["text_offset"]] == lp["text_offset"]
+    # A text prompt is echoed as sent; echo without logprobs only prepends it.
+    choice = post("/v1/completions", {"prompt": "the code is", "max_tokens": 2, "temperature": 0,
+                                      "echo": True}).json()["choices"][0]
+    assert choice["text"].startswith("the code is") and choice["logprobs"] is None
     # Without logprobs a choice has none.
     r = post("/v1/chat/completions", {"messages": messages, "max_tokens": 2, "temperature": 0})
     assert r.json()["choices"][0]["logprobs"] is None
@@ -265,7 +287,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         ({"model": "tiny", "prompt": "a", "stop": [1]}, AUTH, 400, "stop"),
         ({"model": "tiny", "prompt": [500]}, AUTH, 400, "prompt"),
         ({"model": "tiny", "prompt": "a", "logprobs": 21}, AUTH, 400, "logprobs"),
-        ({"model": "tiny", "prompt": "a", "echo": True}, AUTH, 400, "echo"),
+        ({"model": "tiny", "prompt": "a", "echo": "yes"}, AUTH, 400, "echo"),
         ({"model": "tiny", "prompt": "a", "presence_penalty": 0.5}, AUTH, 400, "presence_penalty"),
         ({"model": "tiny", "prompt": "a", "logit_bias": {"5": 100}}, AUTH, 400, "logit_bias"),
         ({"model": "tiny", "prompt": "a"}, {}, 401, None),
@@ -280,6 +302,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     r = post({"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}, path="/v1/chat/completions")
     assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+    r = post({"messages": [{"role": "user", "content": "a"}], "echo": True}, path="/v1/chat/completions")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
     # The "off" values of parameters we do not implement are accepted.
     r = post({"prompt": "a", "max_tokens": 1, "echo": False, "best_of": 1, "presence_penalty": 0, "logit_bias": {}})
     assert r.status_code == 200, r.text
@@ -475,7 +499,7 @@ def test_narrow_decode_steps_give_the_logits_of_the_whole_cache(model_dir):
     assert slots.spans == {32: 1, 64: 5}
 
 
-def test_two_processes_serve_the_same_tokens_as_one(server, two_hosts):
+def test_two_processes_serve_the_same_tokens_as_one(server, two_hosts, model_dir):
     """2 processes x 4 CPU devices, `--mesh expert=4,data=2`: process 0 serves and broadcasts every step. Idle for
     longer than gloo's 30 s collective deadline first: the follower, waiting for the next call, must survive it
     (process 0 sends heartbeats)."""
@@ -490,11 +514,14 @@ def test_two_processes_serve_the_same_tokens_as_one(server, two_hosts):
         want = ref[i, :BUDGETS[i]].tolist()
         assert tokens == (want[:want.index(EOS)] if EOS in want else want), i
     # Log-probabilities on the mesh (the followers run the same log-softmax program) equal one process's.
-    lps = [httpx.post(f"{u}/v1/completions", headers=AUTH, timeout=60, json={
-        "model": "tiny", "prompt": [5, 9, 17, 30], "max_tokens": 5, "temperature": 0, "logprobs": 2}).json()
-        ["choices"][0]["logprobs"] for u in (url, server[1])]
-    assert lps[0]["tokens"] == lps[1]["tokens"] and len(lps[0]["tokens"]) > 0
-    np.testing.assert_allclose(lps[0]["token_logprobs"], lps[1]["token_logprobs"], atol=2e-5)
+    # Log-probabilities, with echo: the prompt is scored by one more program that all processes run.
+    prompt = [5, 9, 17, 30]
+    choice = httpx.post(f"{url}/v1/completions", headers=AUTH, timeout=60, json={
+        "model": "tiny", "prompt": prompt, "max_tokens": 5, "temperature": 0, "logprobs": 2, "echo": True,
+        "return_token_ids": True}).json()["choices"][0]
+    lp, gen = choice["logprobs"], choice["token_ids"]
+    _check_logprobs(_hf_logprobs(model_dir, prompt + gen), 1, prompt[1:] + gen, lp["token_logprobs"][1:],
+                    lp["top_logprobs"][1:], 2)
     procs[0].send_signal(signal.SIGTERM)
     codes = [p.wait(timeout=60) for p in procs]
     assert codes == [0, 0], [p.communicate()[1][-2000:] for p in procs]

@@ -4,19 +4,21 @@ when `stream` is true), GET /v1/models, /health and /metrics. Errors are OpenAI-
 429 queue full, 503 shutting down. A client that disconnects cancels its request.
 
 Log-probabilities (`logprobs` of completions, `logprobs` and `top_logprobs` of chat) are those of the model's
-distribution (log-softmax of the raw logits, before temperature, top-k and top-p), of the generated tokens (not
-the prompt's: no `echo`). A parameter that would change the answer and is not implemented (`echo`, `best_of`,
+distribution (log-softmax of the raw logits, before temperature, top-k and top-p); a completion with `echo`
+starts with its prompt, and with `logprobs` also reports the prompt's tokens (the first one's as null), as
+evaluation harnesses score text. A parameter that would change the answer and is not implemented (`best_of`,
 penalties, `logit_bias`, `tools`, ...) is refused with 400 rather than ignored.
 
 Extensions to the OpenAI request: `top_k`, and `return_token_ids` (each choice then carries `token_ids`)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from starlette.applications import Starlette
 from starlette.requests import Request as HttpRequest
@@ -81,7 +83,7 @@ class Api:
 
     # ---- parsing -----------------------------------------------------------------------------------
 
-    async def _body(self, http: HttpRequest) -> dict:
+    async def _body(self, http: HttpRequest, chat: bool) -> dict:
         if self.api_key is not None and http.headers.get("authorization", "") != f"Bearer {self.api_key}":
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
                            kind="authentication_error")
@@ -97,7 +99,7 @@ class Api:
         if body.get("n", 1) != 1:
             raise ApiError(400, "only n=1 is supported", "n")
         for name, off in UNSUPPORTED.items():
-            if name in body and not _is_off(body[name], off):
+            if name in body and not _is_off(body[name], off) and (chat or name != "echo"):
                 raise ApiError(400, f"'{name}' is not supported by this server (jaxmoe serve); leave it out",
                                name)
         return body
@@ -148,10 +150,22 @@ class Api:
             entry = lambda t, x: {"token": t, "logprob": value(x), "bytes": list(t.encode())}  # noqa: E731
             return {"content": [{**entry(t, x), "top_logprobs": [entry(word(i), y) for i, y in top]}
                                 for t, (x, top) in zip(tokens, logprobs)], "refusal": None}, offset
+        # An echoed prompt's first token has no log-probability (None): null, as OpenAI.
         offsets = [offset + sum(len(t) for t in tokens[:j]) for j in range(len(tokens))]
-        return {"tokens": tokens, "token_logprobs": [value(x) for x, _ in logprobs],
-                "top_logprobs": [{word(i): value(y) for i, y in top} for _, top in logprobs],
+        return {"tokens": tokens, "token_logprobs": [None if e is None else value(e[0]) for e in logprobs],
+                "top_logprobs": [None if e is None else {word(i): value(y) for i, y in e[1]} for e in logprobs],
                 "text_offset": offsets}, offset + sum(len(t) for t in tokens)
+
+    def _echo(self, body: dict, req: Request) -> tuple[str, dict | None, int]:
+        """With `echo`: the prompt's text, its tokens' `logprobs` object (when asked for) and the text offset after
+        it; else ("", None, 0)."""
+        if not req.sampling.echo:
+            return "", None, 0
+        prompt = body["prompt"][0] if isinstance(body["prompt"], list) and len(body["prompt"]) == 1 \
+            and isinstance(body["prompt"][0], (str, list)) else body["prompt"]
+        text = prompt if isinstance(prompt, str) else self.tokenizer.decode(req.prompt.tolist())
+        lp = None if req.sampling.logprobs is None or req.prompt_logprobs is None else [None] + req.prompt_logprobs
+        return (text, *self._logprobs_json(req.prompt.tolist(), lp, False, 0))
 
     def _encode(self, text: str, special: bool) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
@@ -198,10 +212,13 @@ class Api:
 
     async def _generate(self, http: HttpRequest, chat: bool) -> Response:
         try:
-            body = await self._body(http)
+            body = await self._body(http, chat)
             ids = self._chat_prompt(body) if chat else self._prompt(body)
             sampling = self._sampling(body, len(ids), None if chat else 16, "messages" if chat else "prompt")
             sampling.logprobs = self._logprobs(body, chat)
+            sampling.echo = body.get("echo", False)
+            if sampling.echo not in (True, False):
+                raise ApiError(400, f"'echo' must be true or false, got {sampling.echo!r}", "echo")
             stream = bool(body.get("stream", False))
             options = body.get("stream_options") or {}
             if not isinstance(options, dict):
@@ -225,7 +242,8 @@ class Api:
                            "total_tokens": len(ids) + n}
         want_ids = bool(body.get("return_token_ids", False))
         if stream:
-            return StreamingResponse(self._sse(req, events, head, chat, want_ids, usage, include_usage),
+            return StreamingResponse(self._sse(req, events, head, chat, want_ids, usage, include_usage,
+                                               functools.partial(self._echo, body)),
                                      media_type="text/event-stream")
         text, tokens, logprobs, reason = [], [], [], None
         watch = asyncio.ensure_future(self._watch_disconnect(http, req))
@@ -241,9 +259,13 @@ class Api:
             req.cancel()  # a no-op once finished; frees the slot when this handler was cancelled
         if reason == "error":
             return _error(ApiError(500, "the engine failed while generating", kind="server_error"))
-        lp = logprobs if sampling.logprobs is not None else None
-        choice = {"index": 0, "finish_reason": reason, "logprobs": self._logprobs_json(tokens, lp, chat, 0)[0]}
-        choice.update({"message": {"role": "assistant", "content": "".join(text)}} if chat else {"text": "".join(text)})
+        echo, echo_lp, offset = self._echo(body, req)
+        lp = self._logprobs_json(tokens, logprobs if sampling.logprobs is not None else None, chat, offset)[0]
+        if echo_lp is not None:
+            lp = {k: echo_lp[k] + lp[k] for k in lp}
+        choice = {"index": 0, "finish_reason": reason, "logprobs": lp}
+        choice.update({"message": {"role": "assistant", "content": "".join(text)}} if chat else
+                      {"text": echo + "".join(text)})
         if want_ids:
             choice["token_ids"] = tokens
         return JSONResponse({**head, "choices": [choice], "usage": usage(len(tokens))})
@@ -256,16 +278,22 @@ class Api:
             await asyncio.sleep(0.1)
 
     async def _sse(self, req: Request, events: asyncio.Queue, head: dict, chat: bool, want_ids: bool, usage,
-                   include_usage: bool) -> AsyncIterator[str]:
-        """The chunks of a streamed answer; with `include_usage`, as OpenAI, a last chunk with no choices and the
-        usage (the chunk that finishes the choice carries the usage too)."""
+                   include_usage: bool, echo: Callable[[Request], tuple]) -> AsyncIterator[str]:
+        """The chunks of a streamed answer: an echoed prompt first (once the request is admitted and scored),
+        then the completion; with `include_usage`, as OpenAI, a last chunk with no choices and the usage (the
+        chunk that finishes the choice carries the usage too)."""
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
         n = offset = 0
+        echoed = not req.sampling.echo
         try:
             if chat:
                 yield _chunk(head, {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
             while True:
                 ev: Event = await events.get()
+                if not echoed and ev.finish_reason != "error":
+                    echoed = True
+                    text, lp, offset = echo(req)
+                    yield _chunk(head, {"index": 0, "finish_reason": None, "logprobs": lp, "text": text})
                 n += len(ev.token_ids)
                 if ev.text or ev.finish_reason or want_ids or ev.logprobs:
                     lp, offset = self._logprobs_json(ev.token_ids, ev.logprobs, chat, offset)

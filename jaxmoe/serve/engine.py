@@ -49,6 +49,7 @@ class Sampling:
     seed: int = 0
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: off; n: each token's log-probability and its n likeliest alternatives
+    echo: bool = False  # with logprobs: also the prompt's tokens' (`Request.prompt_logprobs`)
 
 
 # A generated token's log-probability and its likeliest alternatives [(token id, log-probability)].
@@ -77,6 +78,7 @@ class Request:
         self.sampling, self.on_event = sampling, on_event
         self.tokens: list[int] = []
         self.logprobs: list[Logprob] = []  # per token in `tokens`, when sampling.logprobs is set
+        self.prompt_logprobs: list[Logprob] | None = None  # per prompt token after the first (echo), once admitted
         self.text, self.sent, self.sent_tokens = "", 0, 0  # decoded text; how much of it and of tokens was sent
         self.cancelled = threading.Event()
         self.created = time.monotonic()
@@ -207,6 +209,12 @@ class Engine:
             admitted.append((free.pop(0), req))
         if not admitted:
             return
+        for _, req in admitted:
+            n = req.sampling.logprobs
+            if req.sampling.echo and n is not None:
+                lp = self.device.score(req.prompt)
+                req.prompt_logprobs = [(float(c), [(int(i), float(v)) for i, v in zip(ids[:n], top[:n])])
+                                       for c, ids, top in zip(*lp)]
         cached = self.device.insert_many([row for row, _ in admitted], [req.prompt for _, req in admitted])
         for (row, req), n in zip(admitted, cached):
             s = req.sampling

@@ -13,7 +13,7 @@ import numpy as np
 from jaxmoe.serve.row_sampling import SlotParams
 from jaxmoe.serve.slots import DecodeSlots
 
-STOP, INSERT, STEP, NOOP = 0, 1, 2, 3
+STOP, INSERT, STEP, NOOP, SCORE = 0, 1, 2, 3, 4
 
 
 def _size(slots: DecodeSlots) -> int:
@@ -59,6 +59,11 @@ class Broadcaster:
         self._send(INSERT, row, prompt)
         return self.slots.insert(row, prompt)
 
+    def score(self, prompt: np.ndarray):
+        """Send, then score here (`DecodeSlots.score`)."""
+        self._send(SCORE, 0, prompt)
+        return self.slots.score(prompt)
+
     def insert_many(self, rows, prompts) -> list[int]:
         """One `insert` after another: each is sent as it is made (a mesh has no grouped prefill)."""
         return [self.insert(row, prompt) for row, prompt in zip(rows, prompts)]
@@ -92,8 +97,9 @@ def follow(slots: DecodeSlots) -> int:
             return steps
         if op == NOOP:
             continue
-        if op == INSERT:
-            slots.insert(int(msg[1]), msg[3:3 + int(msg[2])])
+        if op in (INSERT, SCORE):
+            prompt = msg[3:3 + int(msg[2])]
+            slots.insert(int(msg[1]), prompt) if op == INSERT else slots.score(prompt)
             continue
         part = [msg[at + i * b:at + (i + 1) * b] for i in range(7)]
         params = SlotParams(part[2].view(np.float32), part[3].view(np.float32), part[4], part[5].view(np.uint32),

@@ -1,5 +1,6 @@
 """Per-row token selection after a decode step: each row of the continuous batch draws with its own request's
-settings (`sample_rows`) and reports log-probabilities when its request asks for them (`token_logprobs`)."""
+settings (`sample_rows`) and reports log-probabilities when its request asks for them (`token_logprobs`, and
+`prompt_logprobs` for a prompt's own tokens)."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -7,7 +8,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from jaxmoe.parallel.placement import replicate
 from jaxmoe.sampling import top_p_filter
 
 TOP_LOGPROBS = 20  # alternatives per token a step can report (OpenAI's limit for top_logprobs)
@@ -55,3 +58,13 @@ def token_logprobs(logits: jax.Array, chosen: jax.Array) -> tuple[jax.Array, jax
     logp = jax.nn.log_softmax(logits, axis=-1)
     top, top_ids = jax.lax.top_k(logp, min(TOP_LOGPROBS, logits.shape[-1]))
     return jnp.take_along_axis(logp, chosen[:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32), top
+
+
+def prompt_logprobs(graphdef, treedef, leaves, ids, positions, mask, *, mesh) -> tuple[jax.Array, ...]:
+    """`token_logprobs` of a left-padded prompt ids [1, P] for itself: entry t is about token t + 1 given the
+    tokens before it (entries of pads are meaningless). A function of the split model, compiled by
+    `jaxmoe.generate.compiled`; on a mesh the outputs come back replicated for the host to read."""
+    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+    logits = model.forward(ids, positions, mask).logits[0, :-1].astype(jnp.float32)
+    out = token_logprobs(logits, ids[0, 1:])
+    return out if mesh is None else tuple(replicate(x, mesh) for x in out)

@@ -39,7 +39,7 @@ from jaxmoe.nn.model import KVCache
 from jaxmoe.parallel.mesh import use_mesh
 from jaxmoe.parallel.placement import placed_mesh, replicate, shard_cache
 from jaxmoe.sampling import sampling_config
-from jaxmoe.serve.row_sampling import SlotParams, TokenLogprobs, sample_rows, token_logprobs
+from jaxmoe.serve.row_sampling import SlotParams, TokenLogprobs, prompt_logprobs, sample_rows, token_logprobs
 from jaxmoe.serve.cache_rows import compact, extend_cache, insert_part, insert_part_of, seeded_cache
 
 MIN_BUCKET = 16
@@ -314,6 +314,20 @@ class DecodeSlots:
                                         self.small(np.int32(plan[5])))
                     out[row] = self._placed_row(row, prompt, True)
         return [out[r] for r in rows]
+
+    def score(self, prompt: np.ndarray) -> TokenLogprobs:
+        """`TokenLogprobs` of a prompt's tokens after the first, each given the ones before it (for `echo`): one
+        forward pass of the prompt, left-padded to its bucket. Its program is compiled on first use per bucket
+        (a server that is never asked compiles none)."""
+        prompt = np.asarray(prompt, np.int32)
+        n, p = len(prompt), self.bucket(len(prompt))
+        ids, mask = np.zeros((1, p), np.int32), np.zeros((1, p), bool)
+        ids[0, p - n:], mask[0, p - n:] = prompt, True
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+        args = (*self._model_args, *(self.small(x) for x in (ids, positions, mask)))
+        exe = compiled("score", prompt_logprobs, {"mesh": self.mesh}, args)[0]
+        out = exe(self.leaves, *args[3:])
+        return TokenLogprobs(*(np.asarray(x)[p - n:] for x in out))
 
     def free(self, row: int) -> None:
         """Row `row` holds no request any more: later steps need not attend over its tokens."""
