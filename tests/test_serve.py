@@ -151,6 +151,11 @@ def test_concurrent_requests_match_offline_greedy_and_streams_match(server):
         assert text == tok.decode(want, skip_special_tokens=True)
     assert stopped < 64 and sum(len(g[0]) for g in got) > 100
     assert [g[:2] for g in again] == [g[:2] for g in got[:8]]  # streamed == non-streamed, both ways
+    # Eight prompts in one request: one choice each, the same tokens.
+    r = httpx.post(f"{url}/v1/completions", headers=AUTH, timeout=60, json={
+        "model": "tiny", "prompt": prompts[:8], "max_tokens": 1, "temperature": 0, "return_token_ids": True})
+    assert [c["token_ids"] for c in r.json()["choices"]] == [g[0][:1] for g in got[:8]]
+    assert r.json()["usage"]["prompt_tokens"] == sum(len(p) for p in prompts[:8])
     # A stop string cuts the text before it and ends the request, streamed or not.
     j = max(range(64), key=lambda i: len(got[i][1].split()))
     text = got[j][1]
@@ -254,6 +259,14 @@ def test_logprobs_are_those_of_transformers_streamed_or_not(server, model_dir):
     assert "".join(c["text"] for c in chunks) == choice["text"]
     assert [x for c in chunks for x in c["logprobs"]["tokens"]] == lp["tokens"]
     assert [x for c in chunks for x in c["logprobs"]["text_offset"]] == lp["text_offset"]
+    # Several prompts in one request (as lm-evaluation-harness batches them): one choice each, in order.
+    batch = [prompt, [9, 17, 30], [44, 3]]
+    choices = post("/v1/completions", {**body, "prompt": batch}).json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2] and choices[0]["logprobs"] == lp
+    for c, p in zip(choices[1:], batch[1:]):
+        ref = _hf_logprobs(model_dir, p + c["token_ids"])
+        _check_logprobs(ref, 1, p[1:] + c["token_ids"], c["logprobs"]["token_logprobs"][1:],
+                        c["logprobs"]["top_logprobs"][1:], 1)
     # A text prompt is echoed as sent; echo without logprobs only prepends it.
     choice = post("/v1/completions", {"prompt": "the code is", "max_tokens": 2, "temperature": 0,
                                       "echo": True}).json()["choices"][0]
@@ -288,6 +301,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         ({"model": "tiny", "prompt": [500]}, AUTH, 400, "prompt"),
         ({"model": "tiny", "prompt": "a", "logprobs": 21}, AUTH, 400, "logprobs"),
         ({"model": "tiny", "prompt": "a", "echo": "yes"}, AUTH, 400, "echo"),
+        ({"model": "tiny", "prompt": ["a", "b"], "stream": True}, AUTH, 400, "stream"),
+        ({"model": "tiny", "prompt": [[3], []]}, AUTH, 400, "prompt"),
         ({"model": "tiny", "prompt": "a", "presence_penalty": 0.5}, AUTH, 400, "presence_penalty"),
         ({"model": "tiny", "prompt": "a", "logit_bias": {"5": 100}}, AUTH, 400, "logit_bias"),
         ({"model": "tiny", "prompt": "a"}, {}, 401, None),

@@ -9,6 +9,9 @@ starts with its prompt, and with `logprobs` also reports the prompt's tokens (th
 evaluation harnesses score text. A parameter that would change the answer and is not implemented (`best_of`,
 penalties, `logit_bias`, `tools`, ...) is refused with 400 rather than ignored.
 
+A completions request may carry several prompts (a list of strings or of token-id lists): each is a request of
+its own in the batch and gets its choice, by index (not streamed).
+
 Extensions to the OpenAI request: `top_k`, and `return_token_ids` (each choice then carries `token_ids`)."""
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ UNSUPPORTED = {"echo": (None, False), "best_of": (None, 1), "suffix": (None, "")
                "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "repetition_penalty": (None, 1),
                "min_p": (None, 0), "tools": (None, []), "response_format": (None, {"type": "text"}),
                "prompt_logprobs": (None, 0)}
+MAX_STOPS = 16  # OpenAI allows 4; evaluation harnesses send their tasks' stop sequences, sometimes more
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf: a token the model rules out is reported at this log-probability
 
 
@@ -116,8 +120,9 @@ class Api:
                                 f"server's limit of {self.max_seq_len} tokens (--max-seq-len)", "max_tokens")
         stop = body.get("stop") or ()
         stop = (stop,) if isinstance(stop, str) else stop
-        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-            raise ApiError(400, "'stop' must be a non-empty string or a list of up to 4 of them", "stop")
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) and x for x in stop) \
+                or len(stop) > MAX_STOPS:
+            raise ApiError(400, f"'stop' must be a non-empty string or a list of up to {MAX_STOPS} of them", "stop")
         return Sampling(max_tokens, _number(body, "temperature", 1.0, float, 0.0, 2.0),
                         _number(body, "top_p", 1.0, float, 0.0, 1.0, lo_open=True),
                         _number(body, "top_k", 0, int, 0, 2**31 - 1), _number(body, "seed", 0, int, 0, 2**32 - 1),
@@ -156,36 +161,41 @@ class Api:
                 "top_logprobs": [None if e is None else {word(i): value(y) for i, y in e[1]} for e in logprobs],
                 "text_offset": offsets}, offset + sum(len(t) for t in tokens)
 
-    def _echo(self, body: dict, req: Request) -> tuple[str, dict | None, int]:
-        """With `echo`: the prompt's text, its tokens' `logprobs` object (when asked for) and the text offset after
-        it; else ("", None, 0)."""
+    def _echo(self, req: Request, text: str | None) -> tuple[str, dict | None, int]:
+        """With `echo`: the prompt's text (`text` as sent, else its tokens decoded), its tokens' `logprobs` object
+        (when asked for) and the text offset after it; else ("", None, 0)."""
         if not req.sampling.echo:
             return "", None, 0
-        prompt = body["prompt"][0] if isinstance(body["prompt"], list) and len(body["prompt"]) == 1 \
-            and isinstance(body["prompt"][0], (str, list)) else body["prompt"]
-        text = prompt if isinstance(prompt, str) else self.tokenizer.decode(req.prompt.tolist())
+        text = text if text is not None else self.tokenizer.decode(req.prompt.tolist())
         lp = None if req.sampling.logprobs is None or req.prompt_logprobs is None else [None] + req.prompt_logprobs
         return (text, *self._logprobs_json(req.prompt.tolist(), lp, False, 0))
 
     def _encode(self, text: str, special: bool) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
-    def _prompt(self, body: dict) -> list[int]:
+    def _prompts(self, body: dict) -> list[tuple[list[int], str | None]]:
+        """The prompts of a completions request, each as (token ids, its text when it came as text): one string or
+        list of token ids, or a list of them (a batch: one choice each, as OpenAI and evaluation harnesses)."""
         prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]  # a batch of one
-        if isinstance(prompt, str):
-            ids = self._encode(prompt, True)
-        elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            vocab = self.engine.device.config.vocab_size
-            if any(not 0 <= t < vocab for t in prompt):
-                raise ApiError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
-            ids = list(prompt)
-        else:
-            raise ApiError(400, "'prompt' must be a string or a list of token ids (one prompt per request)", "prompt")
-        if not ids:
-            raise ApiError(400, "the prompt is empty", "prompt")
-        return ids
+        ids_list = lambda x: isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool)  # noqa: E731
+                                                          for t in x)
+        batch = prompt if isinstance(prompt, list) and prompt and all(isinstance(p, str) or ids_list(p) and p
+                                                                      for p in prompt) else [prompt]
+        out = []
+        for one in batch:
+            if isinstance(one, str):
+                ids = self._encode(one, True)
+            elif ids_list(one):
+                vocab = self.engine.device.config.vocab_size
+                if any(not 0 <= t < vocab for t in one):
+                    raise ApiError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
+                ids = list(one)
+            else:
+                raise ApiError(400, "'prompt' must be a string, a list of token ids, or a list of either", "prompt")
+            if not ids:
+                raise ApiError(400, "the prompt is empty", "prompt")
+            out.append((ids, one if isinstance(one, str) else None))
+        return out
 
     def _chat_prompt(self, body: dict) -> list[int]:
         messages = body.get("messages")
@@ -211,69 +221,95 @@ class Api:
         return await self._generate(http, chat=True)
 
     async def _generate(self, http: HttpRequest, chat: bool) -> Response:
+        loop = asyncio.get_running_loop()
         try:
             body = await self._body(http, chat)
-            ids = self._chat_prompt(body) if chat else self._prompt(body)
-            sampling = self._sampling(body, len(ids), None if chat else 16, "messages" if chat else "prompt")
-            sampling.logprobs = self._logprobs(body, chat)
-            sampling.echo = body.get("echo", False)
-            if sampling.echo not in (True, False):
-                raise ApiError(400, f"'echo' must be true or false, got {sampling.echo!r}", "echo")
+            prompts = [(self._chat_prompt(body), None)] if chat else self._prompts(body)
             stream = bool(body.get("stream", False))
+            if stream and len(prompts) > 1:
+                raise ApiError(400, "streaming answers one prompt at a time; send the prompts separately", "stream")
             options = body.get("stream_options") or {}
             if not isinstance(options, dict):
                 raise ApiError(400, "'stream_options' must be an object", "stream_options")
             include_usage = bool(options.get("include_usage"))
-            loop, events = asyncio.get_running_loop(), asyncio.Queue()
-            req = Request(ids, sampling, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
-            try:
-                self.engine.submit(req)
-            except QueueFull as e:
-                raise ApiError(429, str(e), kind="rate_limit_error") from None
-            except Draining as e:
-                raise ApiError(503, str(e), kind="server_error") from None
+            requests = []
+            for ids, _ in prompts:
+                sampling = self._sampling(body, len(ids), None if chat else 16, "messages" if chat else "prompt")
+                sampling.logprobs = self._logprobs(body, chat)
+                sampling.echo = body.get("echo", False)
+                if sampling.echo not in (True, False):
+                    raise ApiError(400, f"'echo' must be true or false, got {sampling.echo!r}", "echo")
+                events: asyncio.Queue = asyncio.Queue()
+                requests.append((Request(ids, sampling, functools.partial(loop.call_soon_threadsafe,
+                                                                          events.put_nowait)), events))
+            self._submit([req for req, _ in requests])
         except ApiError as e:
             self.engine.metrics.observe_error(e.status)
             return _error(e)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": self.model_name}
-        usage = lambda n: {"prompt_tokens": len(ids), "completion_tokens": n,  # noqa: E731
-                           "total_tokens": len(ids) + n}
+        n_prompt = sum(len(ids) for ids, _ in prompts)
+        usage = lambda n: {"prompt_tokens": n_prompt, "completion_tokens": n,  # noqa: E731
+                           "total_tokens": n_prompt + n}
         want_ids = bool(body.get("return_token_ids", False))
         if stream:
+            (req, events), text = requests[0], prompts[0][1]
             return StreamingResponse(self._sse(req, events, head, chat, want_ids, usage, include_usage,
-                                               functools.partial(self._echo, body)),
-                                     media_type="text/event-stream")
-        text, tokens, logprobs, reason = [], [], [], None
-        watch = asyncio.ensure_future(self._watch_disconnect(http, req))
+                                               lambda r: self._echo(r, text)), media_type="text/event-stream")
+        watch = asyncio.ensure_future(self._watch_disconnect(http, [req for req, _ in requests]))
         try:
-            while reason is None:
-                ev: Event = await events.get()
-                text.append(ev.text)
-                tokens += ev.token_ids
-                logprobs += ev.logprobs or []
-                reason = ev.finish_reason
+            answers = await asyncio.gather(*(self._collect(events) for _, events in requests))
         finally:
             watch.cancel()
-            req.cancel()  # a no-op once finished; frees the slot when this handler was cancelled
-        if reason == "error":
+            for req, _ in requests:
+                req.cancel()  # a no-op once finished; frees the slot when this handler was cancelled
+        if any(reason == "error" for *_, reason in answers):
             return _error(ApiError(500, "the engine failed while generating", kind="server_error"))
-        echo, echo_lp, offset = self._echo(body, req)
-        lp = self._logprobs_json(tokens, logprobs if sampling.logprobs is not None else None, chat, offset)[0]
-        if echo_lp is not None:
-            lp = {k: echo_lp[k] + lp[k] for k in lp}
-        choice = {"index": 0, "finish_reason": reason, "logprobs": lp}
-        choice.update({"message": {"role": "assistant", "content": "".join(text)}} if chat else
-                      {"text": echo + "".join(text)})
-        if want_ids:
-            choice["token_ids"] = tokens
-        return JSONResponse({**head, "choices": [choice], "usage": usage(len(tokens))})
+        choices = []
+        for i, ((req, _), (_, text), (parts, tokens, logprobs, reason)) in enumerate(zip(requests, prompts, answers)):
+            echo, echo_lp, offset = self._echo(req, text)
+            lp = self._logprobs_json(tokens, logprobs if req.sampling.logprobs is not None else None, chat,
+                                     offset)[0]
+            if echo_lp is not None:
+                lp = {k: echo_lp[k] + lp[k] for k in lp}
+            choice = {"index": i, "finish_reason": reason, "logprobs": lp}
+            choice.update({"message": {"role": "assistant", "content": "".join(parts)}} if chat else
+                          {"text": echo + "".join(parts)})
+            if want_ids:
+                choice["token_ids"] = tokens
+            choices.append(choice)
+        return JSONResponse({**head, "choices": choices, "usage": usage(sum(len(a[1]) for a in answers))})
 
-    async def _watch_disconnect(self, http: HttpRequest, req: Request) -> None:
-        while not req.cancelled.is_set():
+    def _submit(self, requests: list[Request]) -> None:
+        """Queue every request of one HTTP call, or none (429 when the queue is full, 503 when draining)."""
+        for j, req in enumerate(requests):
+            try:
+                self.engine.submit(req)
+            except (QueueFull, Draining) as e:
+                for earlier in requests[:j]:
+                    earlier.cancel()
+                if isinstance(e, QueueFull):
+                    raise ApiError(429, str(e), kind="rate_limit_error") from None
+                raise ApiError(503, str(e), kind="server_error") from None
+
+    @staticmethod
+    async def _collect(events: asyncio.Queue) -> tuple[list[str], list[int], list[Logprob], str]:
+        """A request's events until it finishes: (text parts, token ids, `Logprob`s, finish reason)."""
+        parts, tokens, logprobs, reason = [], [], [], None
+        while reason is None:
+            ev: Event = await events.get()
+            parts.append(ev.text)
+            tokens += ev.token_ids
+            logprobs += ev.logprobs or []
+            reason = ev.finish_reason
+        return parts, tokens, logprobs, reason
+
+    async def _watch_disconnect(self, http: HttpRequest, requests: list[Request]) -> None:
+        while not all(req.cancelled.is_set() for req in requests):
             if await http.is_disconnected():
-                req.cancel()
+                for req in requests:
+                    req.cancel()
                 return
             await asyncio.sleep(0.1)
 
