@@ -8,9 +8,29 @@ import sys
 from pathlib import Path
 
 
+EPILOG = """routes:
+  POST /v1/completions        prompt: text, token ids, or a list of either (one choice each)
+  POST /v1/chat/completions   messages, rendered with the model's chat template
+  GET  /v1/models, /health, /metrics (Prometheus text)
+
+request parameters: max_tokens (max_completion_tokens), temperature (default 1; 0 is greedy), top_p, top_k, seed,
+  stop (up to 16 strings), stream (+ stream_options.include_usage), logprobs (completions: N <= 20; chat: true with
+  top_logprobs N), echo (completions: the prompt first, with logprobs its tokens' too, as evaluation harnesses
+  score text), return_token_ids. n must be 1; parameters not implemented (best_of, penalties, logit_bias, tools,
+  ...) are refused with 400.
+
+example:
+  jaxmoe serve ./my-moe --port 8000 --max-batch 16 --max-seq-len 2048 --api-key sk-local
+  curl localhost:8000/v1/chat/completions -H 'Authorization: Bearer sk-local' \\
+       -d '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 32}'"""
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `jaxmoe serve`."""
     from jaxmoe.cli.generate import add_tokenizer_argument
+
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = EPILOG
 
     p.add_argument("model", help="HF model directory, .gguf file, jaxmoe orbax checkpoint, or a Hub id "
                                  "org/name[@revision] found in the local Hugging Face cache")

@@ -116,6 +116,7 @@ class DecodeSlots:
         self.prefix_hits = self.grouped_runs = 0  # prompts after the cached prefix; grouped prefills of them
         self.first = np.full(max_batch, _IDLE, np.int64)  # per row: the cache slot its tokens begin at (or idle)
         self.spans: collections.Counter = collections.Counter()  # steps run per attention span
+        self.scorers: dict[int, Any] = {}  # prompt bucket -> its `score` program, compiled on first use
         graphdef, state = nnx.split(model)
         self.leaves, treedef = jax.tree.flatten(state)
         self._model_args = (graphdef, treedef, self.leaves)
@@ -325,8 +326,9 @@ class DecodeSlots:
         ids[0, p - n:], mask[0, p - n:] = prompt, True
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
         args = (*self._model_args, *(self.small(x) for x in (ids, positions, mask)))
-        exe = compiled("score", prompt_logprobs, {"mesh": self.mesh}, args)[0]
-        out = exe(self.leaves, *args[3:])
+        if p not in self.scorers:  # kept here: the shared LRU of executables could drop it and compile it again
+            self.scorers[p] = compiled("score", prompt_logprobs, {"mesh": self.mesh}, args)[0]
+        out = self.scorers[p](self.leaves, *args[3:])
         return TokenLogprobs(*(np.asarray(x)[p - n:] for x in out))
 
     def free(self, row: int) -> None:
