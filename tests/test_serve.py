@@ -200,7 +200,7 @@ def _check_logprobs(ref: np.ndarray, at: int, ids: list[int], chosen: list[float
 
 
 def test_logprobs_are_those_of_transformers_streamed_or_not(server, model_dir):
-    _, url, _ = server
+    _, url, offline = server
     tok = make_tokenizer()
     prompt = [5, 9, 17, 30]
     post = lambda path, body: httpx.post(f"{url}{path}", json={"model": "tiny", **body}, headers=AUTH,  # noqa: E731
@@ -271,6 +271,18 @@ def test_logprobs_are_those_of_transformers_streamed_or_not(server, model_dir):
     choice = post("/v1/completions", {"prompt": "the code is", "max_tokens": 2, "temperature": 0,
                                       "echo": True}).json()["choices"][0]
     assert choice["text"].startswith("the code is") and choice["logprobs"] is None
+    # A completion ended by the end-of-sequence token has that token last in its log-probabilities (as OpenAI's
+    # <|endoftext|>; scorers read the last entry as the generated one), not in its text or token ids.
+    i = next(i for i in range(64) if EOS in offline[i, :BUDGETS[i]].tolist())
+    want = offline[i, :BUDGETS[i]].tolist()
+    want = want[:want.index(EOS)]
+    choice = post("/v1/completions", {"prompt": PROMPTS[i], "max_tokens": BUDGETS[i], "temperature": 0,
+                                      "logprobs": 1, "return_token_ids": True}).json()["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["token_ids"] == want and choice["finish_reason"] == "stop"
+    assert lp["tokens"] == [tok.decode([t]) for t in want + [EOS]]
+    _check_logprobs(_hf_logprobs(model_dir, PROMPTS[i] + want + [EOS]), len(PROMPTS[i]), want + [EOS],
+                    lp["token_logprobs"], lp["top_logprobs"], 1)
     # Without logprobs a choice has none.
     r = post("/v1/chat/completions", {"messages": messages, "max_tokens": 2, "temperature": 0})
     assert r.json()["choices"][0]["logprobs"] is None

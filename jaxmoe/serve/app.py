@@ -6,7 +6,9 @@ when `stream` is true), GET /v1/models, /health and /metrics. Errors are OpenAI-
 Log-probabilities (`logprobs` of completions, `logprobs` and `top_logprobs` of chat) are those of the model's
 distribution (log-softmax of the raw logits, before temperature, top-k and top-p); a completion with `echo`
 starts with its prompt, and with `logprobs` also reports the prompt's tokens (the first one's as null), as
-evaluation harnesses score text. A parameter that would change the answer and is not implemented (`best_of`,
+evaluation harnesses score text. An end-of-sequence token that ends a completion is in its log-probabilities (as
+OpenAI's `<|endoftext|>`; scorers take the last entry for the generated token) but not in its text, `token_ids`
+or usage. A parameter that would change the answer and is not implemented (`best_of`,
 penalties, `logit_bias`, `tools`, ...) is refused with 400 rather than ignored.
 
 A completions request may carry several prompts (a list of strings or of token-id lists): each is a request of
@@ -142,23 +144,23 @@ class Api:
             raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
         return (top or 0) if want else None
 
-    def _logprobs_json(self, ids: list[int], logprobs: list[Logprob] | None, chat: bool, offset: int
-                       ) -> tuple[dict | None, int]:
-        """The `logprobs` object of a choice (or chunk) with tokens `ids`, in OpenAI's format for chat or
-        completions, and the text offset after them (completions count `text_offset` on from `offset`)."""
+    def _logprobs_json(self, logprobs: list[Logprob] | None, chat: bool, offset: int) -> tuple[dict | None, int]:
+        """The `logprobs` object of a choice (or chunk) in OpenAI's format for chat or completions, and the text
+        offset after its tokens (completions count `text_offset` on from `offset`)."""
         if logprobs is None:
             return None, offset
         word = lambda i: self.tokenizer.decode([i])  # noqa: E731
         value = lambda x: max(x, LOGPROB_FLOOR)  # noqa: E731
-        tokens = [word(i) for i in ids]
+        tokens = [word(t) for t, _, _ in logprobs]
         if chat:
             entry = lambda t, x: {"token": t, "logprob": value(x), "bytes": list(t.encode())}  # noqa: E731
             return {"content": [{**entry(t, x), "top_logprobs": [entry(word(i), y) for i, y in top]}
-                                for t, (x, top) in zip(tokens, logprobs)], "refusal": None}, offset
-        # An echoed prompt's first token has no log-probability (None): null, as OpenAI.
+                                for t, (_, x, top) in zip(tokens, logprobs)], "refusal": None}, offset
+        # An echoed prompt's first token has no log-probability: null, as OpenAI.
         offsets = [offset + sum(len(t) for t in tokens[:j]) for j in range(len(tokens))]
-        return {"tokens": tokens, "token_logprobs": [None if e is None else value(e[0]) for e in logprobs],
-                "top_logprobs": [None if e is None else {word(i): value(y) for i, y in e[1]} for e in logprobs],
+        return {"tokens": tokens, "token_logprobs": [None if x is None else value(x) for _, x, _ in logprobs],
+                "top_logprobs": [None if top is None else {word(i): value(y) for i, y in top}
+                                 for _, _, top in logprobs],
                 "text_offset": offsets}, offset + sum(len(t) for t in tokens)
 
     def _echo(self, req: Request, text: str | None) -> tuple[str, dict | None, int]:
@@ -167,8 +169,8 @@ class Api:
         if not req.sampling.echo:
             return "", None, 0
         text = text if text is not None else self.tokenizer.decode(req.prompt.tolist())
-        lp = None if req.sampling.logprobs is None or req.prompt_logprobs is None else [None] + req.prompt_logprobs
-        return (text, *self._logprobs_json(req.prompt.tolist(), lp, False, 0))
+        lp = None if req.sampling.logprobs is None else req.prompt_logprobs
+        return (text, *self._logprobs_json(lp, False, 0))
 
     def _encode(self, text: str, special: bool) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
@@ -269,8 +271,7 @@ class Api:
         choices = []
         for i, ((req, _), (_, text), (parts, tokens, logprobs, reason)) in enumerate(zip(requests, prompts, answers)):
             echo, echo_lp, offset = self._echo(req, text)
-            lp = self._logprobs_json(tokens, logprobs if req.sampling.logprobs is not None else None, chat,
-                                     offset)[0]
+            lp = self._logprobs_json(logprobs if req.sampling.logprobs is not None else None, chat, offset)[0]
             if echo_lp is not None:
                 lp = {k: echo_lp[k] + lp[k] for k in lp}
             choice = {"index": i, "finish_reason": reason, "logprobs": lp}
@@ -332,7 +333,7 @@ class Api:
                     yield _chunk(head, {"index": 0, "finish_reason": None, "logprobs": lp, "text": text})
                 n += len(ev.token_ids)
                 if ev.text or ev.finish_reason or want_ids or ev.logprobs:
-                    lp, offset = self._logprobs_json(ev.token_ids, ev.logprobs, chat, offset)
+                    lp, offset = self._logprobs_json(ev.logprobs, chat, offset)
                     choice = {"index": 0, "finish_reason": ev.finish_reason, "logprobs": lp}
                     choice.update({"delta": {"content": ev.text}} if chat else {"text": ev.text})
                     if want_ids:

@@ -52,8 +52,9 @@ class Sampling:
     echo: bool = False  # with logprobs: also the prompt's tokens' (`Request.prompt_logprobs`)
 
 
-# A generated token's log-probability and its likeliest alternatives [(token id, log-probability)].
-Logprob = tuple[float, list[tuple[int, float]]]
+# A token, its log-probability and its likeliest alternatives [(token id, log-probability)]; the first token of an
+# echoed prompt has neither (None, None).
+Logprob = tuple[int, float | None, list[tuple[int, float]] | None]
 
 
 @dataclasses.dataclass
@@ -77,8 +78,11 @@ class Request:
         self.prompt = np.asarray(prompt, np.int32)
         self.sampling, self.on_event = sampling, on_event
         self.tokens: list[int] = []
-        self.logprobs: list[Logprob] = []  # per token in `tokens`, when sampling.logprobs is set
-        self.prompt_logprobs: list[Logprob] | None = None  # per prompt token after the first (echo), once admitted
+        # Per generated token when sampling.logprobs is set, and for an end-of-sequence token that ended the
+        # request (scorers read it as the generated token; `tokens` and the text leave it out).
+        self.logprobs: list[Logprob] = []
+        self.sent_logprobs = 0
+        self.prompt_logprobs: list[Logprob] | None = None  # per prompt token (echo), once admitted
         self.text, self.sent, self.sent_tokens = "", 0, 0  # decoded text; how much of it and of tokens was sent
         self.cancelled = threading.Event()
         self.created = time.monotonic()
@@ -98,6 +102,11 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
                 hold = n
                 break
     return hold
+
+
+def _logprob(token, chosen, top_ids, top, n: int) -> Logprob:
+    """A `Logprob` from one row of `TokenLogprobs` with its n best alternatives."""
+    return int(token), float(chosen), [(int(i), float(v)) for i, v in zip(top_ids[:n], top[:n])]
 
 
 class Engine:
@@ -213,8 +222,8 @@ class Engine:
             n = req.sampling.logprobs
             if req.sampling.echo and n is not None:
                 lp = self.device.score(req.prompt)
-                req.prompt_logprobs = [(float(c), [(int(i), float(v)) for i, v in zip(ids[:n], top[:n])])
-                                       for c, ids, top in zip(*lp)]
+                req.prompt_logprobs = [(int(req.prompt[0]), None, None)] + [
+                    _logprob(t, c, ids, top, n) for t, c, ids, top in zip(req.prompt[1:], *lp)]
         cached = self.device.insert_many([row for row, _ in admitted], [req.prompt for _, req in admitted])
         for (row, req), n in zip(admitted, cached):
             s = req.sampling
@@ -239,8 +248,7 @@ class Engine:
         for row in active:
             req = self.rows[row]
             n = req.sampling.logprobs
-            logprob = None if n is None else (float(lp.chosen[row]), [(int(i), float(v)) for i, v in
-                                                                      zip(lp.top_ids[row, :n], lp.top[row, :n])])
+            logprob = None if n is None else _logprob(nxt[row], lp.chosen[row], lp.top_ids[row], lp.top[row], n)
             reason = self._advance(req, int(nxt[row]), logprob)
             if reason is not None:
                 self.rows[row] = None
@@ -258,11 +266,11 @@ class Engine:
             req.first_token_at = time.monotonic()
             self.metrics.observe_first_token(req.first_token_at - req.created)
         s = req.sampling
+        if logprob is not None:
+            req.logprobs.append(logprob)
         if token in self.eos:
             return "stop"
         req.tokens.append(token)
-        if logprob is not None:
-            req.logprobs.append(logprob)
         self.metrics.generated_tokens += 1
         text = self.tokenizer.decode(req.tokens, skip_special_tokens=True)
         cut = min((i for i in (text.find(stop) for stop in s.stop) if i >= 0), default=-1)
@@ -289,5 +297,8 @@ class Engine:
 
     @staticmethod
     def _new_logprobs(req: Request) -> list[Logprob] | None:
-        """The `Logprob`s of the tokens not sent yet (None when the request did not ask)."""
-        return None if req.sampling.logprobs is None else req.logprobs[req.sent_tokens:]
+        """The `Logprob`s not sent yet (None when the request did not ask); they count as sent from now."""
+        if req.sampling.logprobs is None:
+            return None
+        new, req.sent_logprobs = req.logprobs[req.sent_logprobs:], len(req.logprobs)
+        return new
