@@ -43,6 +43,22 @@ doc_to_target: "{{{{answer}}}}"
 metric_list:
   - metric: acc
 """
+GEN_TASK = """task: jaxmoe_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{choices[answer]}}}}"
+generation_kwargs:
+  until: ["Question:", "Answer:"]
+  max_gen_toks: 32
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
 FACTS = [("What color is the sky on a clear day?", ["blue", "green", "red", "black"], 0),
          ("Which animal barks?", ["cat", "dog", "fish", "bird"], 1),
          ("What is the capital of France?", ["Berlin", "Madrid", "Paris", "Rome"], 2),
@@ -62,6 +78,7 @@ def write_task(where: Path) -> None:
                      "answer": options.index(x + y)})
     (where / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (where / "jaxmoe_mc.yaml").write_text(TASK.format(data=where / "data.jsonl"))
+    (where / "jaxmoe_gen.yaml").write_text(GEN_TASK.format(data=where / "data.jsonl"))
 
 
 def run_lm_eval(lm_eval: str, where: Path, name: str, model: str, model_args: str, batch: int) -> dict:
@@ -70,22 +87,32 @@ def run_lm_eval(lm_eval: str, where: Path, name: str, model: str, model_args: st
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [lm_eval, "--model", model, "--model_args", model_args, "--batch_size", str(batch), "--device", "cpu",
            "--tasks",
-           "jaxmoe_mc", "--include_path", str(where), "--output_path", str(out), "--log_samples"]
+           "jaxmoe_mc,jaxmoe_gen", "--include_path", str(where), "--output_path", str(out), "--log_samples"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"lm-eval ({model}) failed:\n{proc.stderr[-3000:]}")
-    samples = sorted(glob.glob(str(out / "**" / "samples_*.jsonl"), recursive=True))
-    return {json.loads(line)["doc_id"]: json.loads(line) for line in open(samples[-1])}
+    found = {}
+    for task in ("jaxmoe_mc", "jaxmoe_gen"):
+        samples = sorted(glob.glob(str(out / "**" / f"samples_{task}_*.jsonl"), recursive=True))
+        found[task] = {json.loads(line)["doc_id"]: json.loads(line) for line in open(samples[-1])}
+    return found
 
 
 def compare(hf: dict, served: dict) -> dict:
-    """Accuracies, the largest loglikelihood difference, and whether every is_greedy flag agrees."""
-    pairs = [(float(a[0][0]), float(b[0][0]), a[0][1] == b[0][1]) for k in hf
-             for a, b in zip(hf[k]["resps"], served[k]["resps"])]
+    """Accuracies, the largest loglikelihood difference, whether every is_greedy flag agrees, and how many greedy
+    generations (stopped at the task's `until` strings) are identical."""
+    mc_hf, mc_served = hf["jaxmoe_mc"], served["jaxmoe_mc"]
+    pairs = [(float(a[0][0]), float(b[0][0]), a[0][1] == b[0][1]) for k in mc_hf
+             for a, b in zip(mc_hf[k]["resps"], mc_served[k]["resps"])]
     acc = lambda s: sum(float(x["acc"]) for x in s.values()) / len(s)  # noqa: E731
-    return {"requests": len(pairs), "acc_hf": round(acc(hf), 4), "acc_jaxmoe": round(acc(served), 4),
+    gen_hf, gen_served = hf["jaxmoe_gen"], served["jaxmoe_gen"]
+    same = sum(gen_hf[k]["resps"] == gen_served[k]["resps"] for k in gen_hf)
+    return {"requests": len(pairs), "acc_hf": round(acc(mc_hf), 4), "acc_jaxmoe": round(acc(mc_served), 4),
             "max_abs_loglik_diff": max(abs(a - b) for a, b, _ in pairs),
-            "is_greedy_agree": all(g for _, _, g in pairs)}
+            "is_greedy_agree": all(g for _, _, g in pairs), "generations": len(gen_hf),
+            "generations_identical": same,
+            "generation_chars": sum(len(str(gen_served[k]["resps"][0][0])) for k in gen_served),
+            "generation_example": str(gen_served[min(gen_served)]["resps"][0][0])}
 
 
 def main() -> int:
@@ -117,14 +144,17 @@ def main() -> int:
     result = {"model": str(model), **compare(hf, served)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "lm_eval_compat.json").write_text(json.dumps(result, indent=1))
-    text = ("| requests | acc (lm-eval hf) | acc (lm-eval local-completions -> jaxmoe serve) | max loglik diff | "
-            "is_greedy agree |\n|---|---|---|---|---|\n"
+    text = ("| loglikelihood requests | acc (lm-eval hf) | acc (lm-eval local-completions -> jaxmoe serve) | "
+            "max loglik diff | is_greedy agree | greedy generations identical |\n|---|---|---|---|---|---|\n"
             f"| {result['requests']} | {result['acc_hf']} | {result['acc_jaxmoe']} | "
-            f"{result['max_abs_loglik_diff']:.2e} | {result['is_greedy_agree']} |\n")
+            f"{result['max_abs_loglik_diff']:.2e} | {result['is_greedy_agree']} | "
+            f"{result['generations_identical']} / {result['generations']} ({result['generation_chars']} characters) |\n"
+            f"\nFirst generation: {result['generation_example']!r}\n")
     (RESULTS / "lm_eval_compat.md").write_text(text)
     print(text)
     shutil.rmtree(where, ignore_errors=True)
-    return 0 if result["max_abs_loglik_diff"] < 1e-3 and result["is_greedy_agree"] else 1
+    ok = result["max_abs_loglik_diff"] < 1e-3 and result["is_greedy_agree"]
+    return 0 if ok and result["generations_identical"] == result["generations"] else 1
 
 
 if __name__ == "__main__":
