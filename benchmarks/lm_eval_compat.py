@@ -3,7 +3,8 @@ equal the ones its `hf` model computes with transformers, on the same model and 
 
 A multiple-choice task (24 questions, 96 loglikelihood requests) is written to a temporary directory; lm-eval
 scores it twice: with `--model hf` (transformers, float32, CPU) and with `--model local-completions` against
-`jaxmoe serve` (4 concurrent clients, batches of 4 prompts: `echo` + `logprobs` requests). Printed and written to
+`jaxmoe serve` (4 concurrent clients, batches of 4 prompts: `echo` + `logprobs` requests; the tokenizer read
+through the server's /tokenize, /detokenize and /tokenizer_info: `tokenizer_backend=remote`). Printed and written to
 benchmarks/results/lm_eval_compat.{json,md}: both accuracies, the largest per-request loglikelihood difference
 and whether every `is_greedy` flag agrees.
 
@@ -136,8 +137,8 @@ def main() -> int:
         if why is not None:
             raise SystemExit(f"jaxmoe serve did not start: {why}")
         served = run_lm_eval(args.lm_eval, where, "jaxmoe", "local-completions",
-                             f"model=m,base_url=http://127.0.0.1:{port}/v1/completions,tokenizer={model},"
-                             "tokenizer_backend=huggingface,num_concurrent=4,max_retries=1", 4)
+                             f"model=m,base_url=http://127.0.0.1:{port}/v1/completions,"
+                             "tokenizer_backend=remote,num_concurrent=4,max_retries=1", 4)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=120)

@@ -288,6 +288,28 @@ def test_logprobs_are_those_of_transformers_streamed_or_not(server, model_dir):
     assert r.json()["choices"][0]["logprobs"] is None
 
 
+def test_tokenizer_routes_as_vllm(server):
+    _, url, _ = server
+    tok = make_tokenizer()
+    call = lambda method, path, body=None, headers=AUTH: httpx.request(  # noqa: E731
+        method, url + path, json=body, headers=headers, timeout=30)
+    r = call("POST", "/tokenize", {"prompt": "the code is"}).json()
+    assert r["tokens"] == tok("the code is")["input_ids"] and r["count"] == 3 and r["max_model_len"] == 32
+    messages = [{"role": "user", "content": "write code"}]
+    chat = tok(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+               add_special_tokens=False)["input_ids"]
+    assert call("POST", "/tokenize", {"messages": messages}).json()["tokens"] == chat
+    assert call("POST", "/detokenize", {"tokens": chat}).json()["prompt"] == tok.decode(chat)
+    info = call("GET", "/tokenizer_info").json()
+    assert info["eos_token"] == "</s>" and info["chat_template"] == tok.chat_template
+    assert info["model_max_length"] == 32
+    assert call("POST", "/tokenize", {"prompt": "a"}, headers={}).status_code == 401
+    assert call("GET", "/tokenizer_info", headers={}).status_code == 401
+    r = call("POST", "/detokenize", {"tokens": [1, 500]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
+    assert call("POST", "/tokenize", {"prompt": 3}).json()["error"]["param"] == "prompt"
+
+
 def _metric(url: str, name: str) -> float:
     """The value of one Prometheus sample of the server's /metrics."""
     lines = [ln for ln in httpx.get(url + "/metrics").text.splitlines() if ln.startswith(name + " ")]

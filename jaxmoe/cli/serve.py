@@ -12,6 +12,7 @@ EPILOG = """routes:
   POST /v1/completions        prompt: text, token ids, or a list of either (one choice each)
   POST /v1/chat/completions   messages, rendered with the model's chat template
   GET  /v1/models, /health, /metrics (Prometheus text)
+  POST /tokenize, /detokenize, GET /tokenizer_info (vLLM's; used by lm-evaluation-harness)
 
 request parameters: max_tokens (max_completion_tokens), temperature (default 1; 0 is greedy), top_p, top_k, seed,
   stop (up to 16 strings), stream (+ stream_options.include_usage), logprobs (completions: N <= 20; chat: true with

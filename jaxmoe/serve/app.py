@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP API (Starlette): POST /v1/completions and /v1/chat/completions (server-sent events
-when `stream` is true), GET /v1/models, /health and /metrics. Errors are OpenAI-style JSON
+when `stream` is true), GET /v1/models, /health and /metrics, and vLLM's /tokenize, /detokenize and
+/tokenizer_info (`jaxmoe.serve.tokenizer_routes`). Errors are OpenAI-style JSON
 `{"error": {"message", "type", "param", "code"}}`: 400 bad input, 401 missing or wrong key, 404 unknown model,
 429 queue full, 503 shutting down. A client that disconnects cancels its request.
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import math
 import time
 import uuid
 from typing import Any, AsyncIterator, Callable
@@ -31,7 +31,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from jaxmoe.serve.engine import Draining, Engine, Event, Logprob, QueueFull, Request, Sampling
+from jaxmoe.serve.parsing import ApiError, check_key, error_response, json_object, number
 from jaxmoe.serve.row_sampling import TOP_LOGPROBS
+from jaxmoe.serve.tokenizer_routes import TokenizerRoutes
 
 # Parameters that would change the answer but are not implemented, with the values that mean "off" (accepted).
 UNSUPPORTED = {"echo": (None, False), "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}),
@@ -40,36 +42,6 @@ UNSUPPORTED = {"echo": (None, False), "best_of": (None, 1), "suffix": (None, "")
                "prompt_logprobs": (None, 0)}
 MAX_STOPS = 16  # OpenAI allows 4; evaluation harnesses send their tasks' stop sequences, sometimes more
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf: a token the model rules out is reported at this log-probability
-
-
-class ApiError(Exception):
-    """An error the API answers with `status` and an OpenAI-style body."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.param, self.kind = status, param, kind
-
-
-def _error(e: ApiError) -> JSONResponse:
-    code = {401: "invalid_api_key", 404: "model_not_found", 429: "rate_limit_exceeded"}.get(e.status)
-    return JSONResponse({"error": {"message": str(e), "type": e.kind, "param": e.param, "code": code}},
-                        status_code=e.status)
-
-
-def _number(body: dict, name: str, default, kind=float, lo=None, hi=None, lo_open=False):
-    """body[name] (or `default` when absent or null) checked to be a finite `kind` in [lo, hi] ((lo, hi] if
-    lo_open); ApiError 400 naming the parameter otherwise."""
-    value = body.get(name, default)
-    if value is None:
-        return default
-    wrong_type = isinstance(value, bool) or not isinstance(value, (int, float))
-    if wrong_type or isinstance(value, float) and (not math.isfinite(value) or kind is int and not value.is_integer()):
-        raise ApiError(400, f"'{name}' must be {'an integer' if kind is int else 'a number'}, got {value!r}", name)
-    value = kind(value)
-    if lo is not None and (value <= lo if lo_open else value < lo) or hi is not None and value > hi:
-        raise ApiError(400, f"'{name}' must be in {'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}], "
-                            f"got {value}", name)
-    return value
 
 
 def _is_off(value: Any, off: tuple) -> bool:
@@ -90,15 +62,8 @@ class Api:
     # ---- parsing -----------------------------------------------------------------------------------
 
     async def _body(self, http: HttpRequest, chat: bool) -> dict:
-        if self.api_key is not None and http.headers.get("authorization", "") != f"Bearer {self.api_key}":
-            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                           kind="authentication_error")
-        try:
-            body = json.loads(await http.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
+        check_key(http, self.api_key)
+        body = await json_object(http)
         if body.get("model") not in (None, self.model_name):
             raise ApiError(404, f"the model '{body['model']}' does not exist; this server serves "
                                 f"'{self.model_name}'", "model")
@@ -115,7 +80,7 @@ class Api:
         if room < 1:
             raise ApiError(400, f"the prompt has {prompt_len} tokens; this server's limit is {self.max_seq_len} "
                                 "tokens of prompt and completion together (--max-seq-len)", where)
-        max_tokens = _number(body, "max_completion_tokens", None, int, 1) or _number(body, "max_tokens", None, int, 1)
+        max_tokens = number(body, "max_completion_tokens", None, int, 1) or number(body, "max_tokens", None, int, 1)
         max_tokens = max_tokens or (room if default_max is None else min(default_max, room))
         if max_tokens > room:
             raise ApiError(400, f"the prompt ({prompt_len} tokens) plus max_tokens {max_tokens} exceeds this "
@@ -125,9 +90,9 @@ class Api:
         if not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) and x for x in stop) \
                 or len(stop) > MAX_STOPS:
             raise ApiError(400, f"'stop' must be a non-empty string or a list of up to {MAX_STOPS} of them", "stop")
-        return Sampling(max_tokens, _number(body, "temperature", 1.0, float, 0.0, 2.0),
-                        _number(body, "top_p", 1.0, float, 0.0, 1.0, lo_open=True),
-                        _number(body, "top_k", 0, int, 0, 2**31 - 1), _number(body, "seed", 0, int, 0, 2**32 - 1),
+        return Sampling(max_tokens, number(body, "temperature", 1.0, float, 0.0, 2.0),
+                        number(body, "top_p", 1.0, float, 0.0, 1.0, lo_open=True),
+                        number(body, "top_k", 0, int, 0, 2**31 - 1), number(body, "seed", 0, int, 0, 2**32 - 1),
                         tuple(stop))
 
     @staticmethod
@@ -135,11 +100,11 @@ class Api:
         """How many alternatives per generated token the request wants reported (None: no log-probabilities).
         Completions: `logprobs` n; chat: `logprobs` true, with `top_logprobs` n (default 0)."""
         if not chat:
-            return _number(body, "logprobs", None, int, 0, TOP_LOGPROBS)
+            return number(body, "logprobs", None, int, 0, TOP_LOGPROBS)
         want = body.get("logprobs")
         if want not in (None, True, False):
             raise ApiError(400, f"'logprobs' must be true or false, got {want!r}", "logprobs")
-        top = _number(body, "top_logprobs", None, int, 0, TOP_LOGPROBS)
+        top = number(body, "top_logprobs", None, int, 0, TOP_LOGPROBS)
         if top is not None and not want:
             raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
         return (top or 0) if want else None
@@ -247,7 +212,7 @@ class Api:
             self._submit([req for req, _ in requests])
         except ApiError as e:
             self.engine.metrics.observe_error(e.status)
-            return _error(e)
+            return error_response(e)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": self.model_name}
@@ -267,7 +232,7 @@ class Api:
             for req, _ in requests:
                 req.cancel()  # a no-op once finished; frees the slot when this handler was cancelled
         if any(reason == "error" for *_, reason in answers):
-            return _error(ApiError(500, "the engine failed while generating", kind="server_error"))
+            return error_response(ApiError(500, "the engine failed while generating", kind="server_error"))
         choices = []
         for i, ((req, _), (_, text), (parts, tokens, logprobs, reason)) in enumerate(zip(requests, prompts, answers)):
             echo, echo_lp, offset = self._echo(req, text)
@@ -350,8 +315,10 @@ class Api:
 
     async def models(self, http: HttpRequest) -> Response:
         """GET /v1/models."""
-        if self.api_key is not None and http.headers.get("authorization", "") != f"Bearer {self.api_key}":
-            return _error(ApiError(401, "missing or wrong API key", kind="authentication_error"))
+        try:
+            check_key(http, self.api_key)
+        except ApiError as e:
+            return error_response(e)
         return JSONResponse({"object": "list", "data": [{"id": self.model_name, "object": "model",
                                                          "created": self.created, "owned_by": "jaxmoe"}]})
 
@@ -373,11 +340,15 @@ def _chunk(head: dict, choice: dict) -> str:
 
 
 def create_app(api: Api) -> Starlette:
-    """The Starlette application of `api`."""
+    """The Starlette application of `api`, with vLLM's tokenizer routes (`TokenizerRoutes`)."""
+    tok = TokenizerRoutes(api.tokenizer, api.max_seq_len, api.api_key)
     return Starlette(routes=[
         Route("/v1/completions", api.completions, methods=["POST"]),
         Route("/v1/chat/completions", api.chat, methods=["POST"]),
         Route("/v1/models", api.models, methods=["GET"]),
+        Route("/tokenize", tok.tokenize, methods=["POST"]),
+        Route("/detokenize", tok.detokenize, methods=["POST"]),
+        Route("/tokenizer_info", tok.info, methods=["GET"]),
         Route("/health", api.health, methods=["GET"]),
         Route("/metrics", api.metrics, methods=["GET"]),
     ])
