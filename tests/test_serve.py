@@ -174,6 +174,17 @@ def test_sampling_settings_per_request(server):
     assert _complete(url, prompt, 12, temperature=1.5, seed=7)[0] == a  # same seed, same draw
     draws = {tuple(_complete(url, prompt, 12, temperature=1.5, seed=s)[0]) for s in range(4)}
     assert len(draws) >= 3
+    # n choices of one prompt (pass@k): choice j is the request with seed + j; greedy ones are all the same.
+    r = httpx.post(f"{url}/v1/completions", headers=AUTH, timeout=60, json={
+        "model": "tiny", "prompt": prompt, "max_tokens": 12, "temperature": 1.5, "seed": 7, "n": 3,
+        "return_token_ids": True}).json()
+    assert [c["index"] for c in r["choices"]] == [0, 1, 2] and r["usage"]["prompt_tokens"] == len(prompt)
+    assert [c["token_ids"] for c in r["choices"]] == [_complete(url, prompt, 12, temperature=1.5, seed=7 + j)[0]
+                                                     for j in range(3)]
+    r = httpx.post(f"{url}/v1/chat/completions", headers=AUTH, timeout=60, json={
+        "model": "tiny", "messages": [{"role": "user", "content": "write code"}], "max_tokens": 4,
+        "temperature": 0, "n": 2}).json()
+    assert len({c["message"]["content"] for c in r["choices"]}) == 1 and len(r["choices"]) == 2
 
 
 def _hf_logprobs(model_dir: Path, ids: list[int]):
@@ -336,6 +347,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         ({"model": "tiny", "prompt": "a", "logprobs": 21}, AUTH, 400, "logprobs"),
         ({"model": "tiny", "prompt": "a", "echo": "yes"}, AUTH, 400, "echo"),
         ({"model": "tiny", "prompt": ["a", "b"], "stream": True}, AUTH, 400, "stream"),
+        ({"model": "tiny", "prompt": "a", "n": 2, "stream": True}, AUTH, 400, "stream"),
+        ({"model": "tiny", "prompt": "a", "n": 0}, AUTH, 400, "n"),
         ({"model": "tiny", "prompt": [[3], []]}, AUTH, 400, "prompt"),
         ({"model": "tiny", "prompt": "a", "presence_penalty": 0.5}, AUTH, 400, "presence_penalty"),
         ({"model": "tiny", "prompt": "a", "logit_bias": {"5": 100}}, AUTH, 400, "logit_bias"),

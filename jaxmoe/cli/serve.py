@@ -17,8 +17,8 @@ EPILOG = """routes:
 request parameters: max_tokens (max_completion_tokens), temperature (default 1; 0 is greedy), top_p, top_k, seed,
   stop (up to 16 strings), stream (+ stream_options.include_usage), logprobs (completions: N <= 20; chat: true with
   top_logprobs N), echo (completions: the prompt first, with logprobs its tokens' too, as evaluation harnesses
-  score text), return_token_ids. n must be 1; parameters not implemented (best_of, penalties, logit_bias, tools,
-  ...) are refused with 400.
+  score text), return_token_ids, n (choice j draws with seed + j). Parameters not implemented (best_of,
+  penalties, logit_bias, tools, ...) are refused with 400.
 
 example:
   jaxmoe serve ./my-moe --port 8000 --max-batch 16 --max-seq-len 2048 --api-key sk-local

@@ -12,8 +12,9 @@ OpenAI's `<|endoftext|>`; scorers take the last entry for the generated token) b
 or usage. A parameter that would change the answer and is not implemented (`best_of`,
 penalties, `logit_bias`, `tools`, ...) is refused with 400 rather than ignored.
 
-A completions request may carry several prompts (a list of strings or of token-id lists): each is a request of
-its own in the batch and gets its choice, by index (not streamed).
+A completions request may carry several prompts (a list of strings or of token-id lists), and any request `n`
+choices per prompt: each is a request of its own in the batch and gets its choice, by index, prompt after
+prompt (not streamed); choice j of a prompt draws with `seed` + j.
 
 Extensions to the OpenAI request: `top_k`, and `return_token_ids` (each choice then carries `token_ids`)."""
 from __future__ import annotations
@@ -40,6 +41,7 @@ UNSUPPORTED = {"echo": (None, False), "best_of": (None, 1), "suffix": (None, "")
                "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "repetition_penalty": (None, 1),
                "min_p": (None, 0), "tools": (None, []), "response_format": (None, {"type": "text"}),
                "prompt_logprobs": (None, 0)}
+MAX_N = 128  # choices per prompt (OpenAI's limit)
 MAX_STOPS = 16  # OpenAI allows 4; evaluation harnesses send their tasks' stop sequences, sometimes more
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf: a token the model rules out is reported at this log-probability
 
@@ -67,8 +69,6 @@ class Api:
         if body.get("model") not in (None, self.model_name):
             raise ApiError(404, f"the model '{body['model']}' does not exist; this server serves "
                                 f"'{self.model_name}'", "model")
-        if body.get("n", 1) != 1:
-            raise ApiError(400, "only n=1 is supported", "n")
         for name, off in UNSUPPORTED.items():
             if name in body and not _is_off(body[name], off) and (chat or name != "echo"):
                 raise ApiError(400, f"'{name}' is not supported by this server (jaxmoe serve); leave it out",
@@ -192,16 +192,19 @@ class Api:
         try:
             body = await self._body(http, chat)
             prompts = [(self._chat_prompt(body), None)] if chat else self._prompts(body)
+            n = number(body, "n", 1, int, 1, MAX_N)
             stream = bool(body.get("stream", False))
-            if stream and len(prompts) > 1:
-                raise ApiError(400, "streaming answers one prompt at a time; send the prompts separately", "stream")
+            if stream and len(prompts) * n > 1:
+                raise ApiError(400, "streaming answers one prompt with n=1; send the prompts separately", "stream")
             options = body.get("stream_options") or {}
             if not isinstance(options, dict):
                 raise ApiError(400, "'stream_options' must be an object", "stream_options")
             include_usage = bool(options.get("include_usage"))
-            requests = []
-            for ids, _ in prompts:
+            requests, texts = [], []
+            for (ids, text), j in ((p, j) for p in prompts for j in range(n)):
                 sampling = self._sampling(body, len(ids), None if chat else 16, "messages" if chat else "prompt")
+                sampling.seed = (sampling.seed + j) % 2**32  # the n choices of a prompt draw differently
+                texts.append(text)
                 sampling.logprobs = self._logprobs(body, chat)
                 sampling.echo = body.get("echo", False)
                 if sampling.echo not in (True, False):
@@ -234,7 +237,7 @@ class Api:
         if any(reason == "error" for *_, reason in answers):
             return error_response(ApiError(500, "the engine failed while generating", kind="server_error"))
         choices = []
-        for i, ((req, _), (_, text), (parts, tokens, logprobs, reason)) in enumerate(zip(requests, prompts, answers)):
+        for i, ((req, _), text, (parts, tokens, logprobs, reason)) in enumerate(zip(requests, texts, answers)):
             echo, echo_lp, offset = self._echo(req, text)
             lp = self._logprobs_json(logprobs if req.sampling.logprobs is not None else None, chat, offset)[0]
             if echo_lp is not None:

@@ -97,9 +97,12 @@ def follow(slots: DecodeSlots) -> int:
             return steps
         if op == NOOP:
             continue
-        if op in (INSERT, SCORE):
-            prompt = msg[3:3 + int(msg[2])]
-            slots.insert(int(msg[1]), prompt) if op == INSERT else slots.score(prompt)
+        prompt = msg[3:3 + int(msg[2])]
+        if op == INSERT:
+            slots.insert(int(msg[1]), prompt)
+            continue
+        if op == SCORE:
+            slots.score(prompt)
             continue
         part = [msg[at + i * b:at + (i + 1) * b] for i in range(7)]
         params = SlotParams(part[2].view(np.float32), part[3].view(np.float32), part[4], part[5].view(np.uint32),
