@@ -191,8 +191,21 @@ class LayerwiseStep(_Programs):
     def __init__(self, model: Transformer, cache: Any, token: Any, position: Any, done: Any, key: Any, step: Any,
                  scalars: tuple, executable: Callable[..., tuple[Any, float, float]], sampling: SamplingConfig,
                  return_logits: bool, span: int | None = None):
+        x = self._prologue_and_head(model, cache, token, position, done, key, step, scalars, executable, sampling,
+                                    return_logits, "decode_prologue", _decode_prologue,
+                                    {} if span is None else {"span": span})
+        self.layer_exes = [self._get(executable, "decode_layer", _decode_layer, self.static,
+                                     (graphdef, treedef, leaves, x, self.cos[kind], self.sin[kind], self.masks[kind],
+                                      k, v, cache.index), donate=(7, 8))
+                           for (graphdef, treedef, leaves), kind, k, v in zip(self.layers, self.kinds, cache.k,
+                                                                               cache.v)]
+
+    def _prologue_and_head(self, model, cache, token, position, done, key, step, scalars, executable, sampling,
+                           return_logits, kind, prologue_fn, static) -> Any:
+        """Compile the step's prologue and head programs; the shapes of what the prologue hands the layers
+        (x returned, the rest kept as self.cos, .sin, .masks)."""
         c = model.config
-        self.kinds, self.layers = c.layer_types, _layer_programs(model)
+        self.kinds, self.layers, self.static = c.layer_types, _layer_programs(model), static
         head_model = nnx.merge(*nnx.split(model))
         head_model.stacks = nnx.List([])  # the head program needs no layer weights
         hg, hs = nnx.split(head_model)
@@ -200,18 +213,12 @@ class LayerwiseStep(_Programs):
         self.head_args = (hg, ht, hl)
         self.embed = model.embed[...]
         pro_args = (c, None, [self.embed], token, position, cache.valid, cache.index)
-        static = {} if span is None else {"span": span}
-        self.pro = self._get(executable, "decode_prologue", _decode_prologue, static, pro_args)
-        x, cos, sin, masks, _ = jax.eval_shape(functools.partial(_decode_prologue, c, None, **static),
-                                               *pro_args[2:])
-        self.layer_exes = []
-        for (graphdef, treedef, leaves), kind, k, v in zip(self.layers, self.kinds, cache.k, cache.v):
-            args = (graphdef, treedef, leaves, x, cos[kind], sin[kind], masks[kind], k, v,
-                    cache.index)
-            self.layer_exes.append(self._get(executable, "decode_layer", _decode_layer, static, args,
-                                             donate=(7, 8)))
+        self.pro = self._get(executable, kind, prologue_fn, static, pro_args)
+        x, self.cos, self.sin, self.masks, _ = jax.eval_shape(functools.partial(prologue_fn, c, None, **static),
+                                                              *pro_args[2:])
         self.head = self._get(executable, "decode", _decode_head, {"sampling": sampling, "return_logits": return_logits},
                               (*self.head_args, x, position, done, key, step, cache.index, *scalars))
+        return x
 
     def __call__(self, cache: KVCache, token, position, done, key, step, *scalars):
         x, cos, sin, masks, valid = self.pro([self.embed], token, position, cache.valid, cache.index)
@@ -223,6 +230,97 @@ class LayerwiseStep(_Programs):
         nxt, position, done, step, index, logits = self.head(self.head_args[2], x, position, done, key, step,
                                                              cache.index, *scalars)
         return nxt, position, done, step, KVCache(tuple(ks), tuple(vs), valid, index), logits
+
+
+def ring_slots(index: jax.Array, span: int) -> jax.Array:
+    """The cache slot each position of a `span`-slot ring holds when slot `index` is the newest: position j
+    holds the slot s in (index - span, index] with s = j (mod span)."""
+    return index - jnp.remainder(index - jnp.arange(span, dtype=jnp.int32), span)
+
+
+def ring_fits(config, span: int) -> bool:
+    """Whether a ring of `span` slots can stand for the cache window: attention ignores the order of its keys,
+    but a sliding-window mask over ring positions would need each key's distance (not built here)."""
+    return config.sliding_window is None or config.sliding_window >= span
+
+
+def _ring_build(_, __, ks, vs, index, *, span: int):
+    """Per-layer rings of the last `span` slots through `index` (the slot the next step writes), each slot at
+    its ring position (`ring_slots`): the window, rotated. Keys' slot axis is their last, values' the one
+    before."""
+    start = index + 1 - span
+
+    def ring(a, axis):
+        return jnp.roll(jax.lax.dynamic_slice_in_dim(a, start, span, axis=axis), jnp.remainder(start, span), axis)
+
+    return tuple(ring(k, k.ndim - 1) for k in ks), tuple(ring(v, v.ndim - 2) for v in vs)
+
+
+def _ring_prologue(config, _, leaves, token, position, valid, index, *, span: int):
+    """`_decode_prologue` for a step that attends over rings: the masks follow the ring's order of slots."""
+    (embed,) = leaves
+    b = token.shape[0]
+    valid = jax.lax.dynamic_update_slice(valid, jnp.ones((b, 1), bool), (0, index))
+    x, cos, sin, masks = prologue(config, embed, token[:, None], position[:, None],
+                                  jnp.full((b, 1), span - 1, jnp.int32), jnp.take(valid, ring_slots(index, span), 1))
+    return x, cos, sin, masks, valid
+
+
+def _ring_layer(graphdef, treedef, leaves, x, cos, sin, mask, k, v, kr, vr, index, *, span: int):
+    """One decoder layer attending over its ring (read in place, unlike a window sliced out of the cache: that
+    copy was ~70% of a 128-slot window's attention cost on CPU); the new key and value go to both the ring and
+    the cache."""
+    layer = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+    at = jnp.remainder(index, span)
+    x, _, (kr, vr), _ = layer(x, cos, sin, mask, (kr, vr), at, False)
+    k = jax.lax.dynamic_update_slice_in_dim(k, jax.lax.dynamic_slice_in_dim(kr, at, 1, axis=kr.ndim - 1), index,
+                                            axis=k.ndim - 1)
+    v = jax.lax.dynamic_update_slice_in_dim(v, jax.lax.dynamic_slice_in_dim(vr, at, 1, axis=vr.ndim - 2), index,
+                                            axis=v.ndim - 2)
+    return x, k, v, kr, vr
+
+
+class RingStep(LayerwiseStep):
+    """A decode step over the last `span` cache slots kept as per-layer rings (`ring_slots`), so attention reads
+    them in place: step(cache, rings, token, position, done, key, step, *scalars) -> `LayerwiseStep`'s outputs
+    and the updated rings. `build(cache)` makes the rings from the cache (whenever the cache changed other than
+    by these steps: inserts, compaction, another span); the cache is still written every step."""
+
+    def __init__(self, model: Transformer, cache: Any, token: Any, position: Any, done: Any, key: Any, step: Any,
+                 scalars: tuple, executable: Callable[..., tuple[Any, float, float]], sampling: SamplingConfig,
+                 return_logits: bool, span: int):
+        static = {"span": span}
+        self.span = span
+        x = self._prologue_and_head(model, cache, token, position, done, key, step, scalars, executable, sampling,
+                                    return_logits, "ring_prologue", _ring_prologue, static)
+        self.builder = self._get(executable, "ring_build", _ring_build, static, (None, None, cache.k, cache.v,
+                                                                                 cache.index))
+        rings = jax.eval_shape(functools.partial(_ring_build, None, None, span=span), cache.k, cache.v, cache.index)
+        self.layer_exes = [
+            self._get(executable, "ring_layer", _ring_layer, static,
+                      (graphdef, treedef, leaves, x, self.cos[kind], self.sin[kind], self.masks[kind], k, v, kr, vr,
+                       cache.index), donate=(7, 8, 9, 10))
+            for (graphdef, treedef, leaves), kind, k, v, kr, vr in zip(self.layers, self.kinds, cache.k, cache.v,
+                                                                        *rings)]
+
+    def build(self, cache: KVCache) -> tuple:
+        """The rings of `cache` for a step that writes slot cache.index."""
+        return self.builder(cache.k, cache.v, cache.index)
+
+    def __call__(self, cache: KVCache, rings: tuple, token, position, done, key, step, *scalars):
+        x, cos, sin, masks, valid = self.pro([self.embed], token, position, cache.valid, cache.index)
+        ks, vs, krs, vrs = [], [], [], []
+        for exe, (_, _, leaves), kind, k, v, kr, vr in zip(self.layer_exes, self.layers, self.kinds, cache.k,
+                                                           cache.v, *rings):
+            x, k, v, kr, vr = exe(leaves, x, cos[kind], sin[kind], masks[kind], k, v, kr, vr, cache.index)
+            ks.append(k)
+            vs.append(v)
+            krs.append(kr)
+            vrs.append(vr)
+        nxt, position, done, step, index, logits = self.head(self.head_args[2], x, position, done, key, step,
+                                                             cache.index, *scalars)
+        return (nxt, position, done, step, KVCache(tuple(ks), tuple(vs), valid, index), logits,
+                (tuple(krs), tuple(vrs)))
 
 
 class LayerwiseExtend(_Programs):

@@ -171,6 +171,22 @@ def test_top_p_keeps_only_the_nucleus():
     assert 0.58 < counts[1] / 4000 < 0.67
 
 
+def test_greedy_choice_is_numpys_argmax_with_ties_infinities_and_nan():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(6, 49152)).astype(np.float32)
+    logits[0] = 2.0  # all tied: the first
+    logits[1, [7, 300, 40000]] = 50.0  # tied maxima: the first of them
+    logits[2, [9, 11]] = [np.inf, np.nan]  # NaN wins over +inf, as in numpy
+    logits[3] = -np.inf
+    logits[4, [5, 6]] = np.nan  # the first NaN
+    for dtype in (jnp.float32, jnp.bfloat16):
+        x = jnp.asarray(logits, dtype)
+        ours = np.asarray(jax.jit(lambda v: sample(v, jax.random.key(0), SamplingConfig(True, None, False)))(x))
+        assert ours.dtype == np.int32
+        np.testing.assert_array_equal(ours, np.argmax(np.asarray(x.astype(jnp.float32)), axis=-1))
+    assert list(np.argmax(logits, axis=-1)[:5]) == [0, 7, 11, 0, 5]
+
+
 def test_filters_match_transformers_warpers():
     logits = np.random.default_rng(0).normal(size=(4, 64)).astype(np.float32) * 3
     for p in (0.3, 0.8, 0.95):

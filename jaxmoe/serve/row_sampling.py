@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from jaxmoe.parallel.placement import replicate
-from jaxmoe.sampling import top_p_filter
+from jaxmoe.sampling import first_argmax, top_p_filter
 
 TOP_LOGPROBS = 20  # alternatives per token a step can report (OpenAI's limit for top_logprobs)
 
@@ -39,7 +39,7 @@ def sample_rows(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, top
     x = top_p_filter(x, top_p[:, None])
     keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seed, count)
     drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, x)
-    return jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn.astype(jnp.int32), first_argmax(logits))
 
 
 class TokenLogprobs(NamedTuple):

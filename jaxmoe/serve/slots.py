@@ -8,8 +8,10 @@ its slot is not after the query's, and rotary positions travel per row, so where
 changes nothing. The index never drops below max_seq_len, which no part is longer than, so a part always fits
 before it (a prefix part's trailing pads may run past the end of the row: they are dropped). On one CPU device
 a step attends only over the last `span` slots that hold every busy row's tokens (a power of two from 32; `free`
-tells a row is idle), so its cost follows the longest request, not max_seq_len (SmolLM2, 16 rows: 71 ms a step
-over 32 slots, 93 ms over 128, 137 ms over 1536). When the index reaches
+tells a row is idle), so its cost follows the longest request, not max_seq_len. Those slots are kept as
+per-layer rings (`jaxmoe.layerwise.RingStep`) that the steps read in place and write along with the cache; they
+are made again from the cache after an insert, a compaction or a change of span (copying the window out of the
+cache every step cost SmolLM2 with 16 rows 12-16% of a step at 128-256 slots). When the index reaches
 the end of the cache every row is shifted left by `margin` slots (`compact`): a row holds at most
 `max_seq_len - 1` real tokens, so nothing real is lost, and the next `margin` steps have room.
 
@@ -33,8 +35,8 @@ from flax import nnx
 
 from jaxmoe.kernels.backend import on_cpu
 from jaxmoe.generate import compiled, decode_step, prefill_cache, unrolled_decoder
-from jaxmoe.layerwise import (SCRATCH_REUSE_LIMIT, LayerwiseExtend, LayerwisePrefill, LayerwiseStep,
-                              per_layer_cache)
+from jaxmoe.layerwise import (SCRATCH_REUSE_LIMIT, LayerwiseExtend, LayerwisePrefill, LayerwiseStep, RingStep,
+                              per_layer_cache, ring_fits)
 from jaxmoe.nn.model import KVCache
 from jaxmoe.parallel.mesh import use_mesh
 from jaxmoe.parallel.placement import placed_mesh, replicate, shard_cache
@@ -124,6 +126,7 @@ class DecodeSlots:
         self.small = (lambda x: replicate(jnp.asarray(x), mesh)) if mesh is not None else jnp.asarray
         # The write index stays in [max_seq_len, length): a prompt's real tokens always fit before it.
         self.index = max_seq_len  # the host's copy of cache.index
+        self.rings: tuple | None = None  # the current `RingStep`'s rings while they hold what the cache does
         with use_mesh(mesh):
             cache = self._empty(max_batch, self.length, abstract=False)
             self.cache = cache._replace(index=self.small(np.int32(self.index)))
@@ -175,7 +178,8 @@ class DecodeSlots:
             step_args = (self.decoder, aval, tok, tok, self._done, self._key, self._step, self._scalars, compiled,
                          greedy, True)
             self.decode = LayerwiseStep(*step_args)
-            self.windowed = {s: LayerwiseStep(*step_args, span=s) for s in window_spans(self.length)}
+            self.windowed = {s: RingStep(*step_args, span=s) if ring_fits(c, s) else LayerwiseStep(*step_args, span=s)
+                             for s in window_spans(self.length)}
         else:
             static = {"sampling": sampling_config(0.0, None, None, c.vocab_size), "return_logits": True,
                       "mesh": mesh}
@@ -268,6 +272,7 @@ class DecodeSlots:
         return hit, p, ids, positions, mask, (p - 1 - n if hit else 0)
 
     def _placed_row(self, row: int, prompt: np.ndarray, hit: bool) -> int:
+        self.rings = None  # the row's new keys are in the cache only: rings are made again before the next step
         self.first[row] = self.index - (len(prompt) - 1)  # where the row's tokens begin now
         self.prefix_hits += hit
         return len(self.prefix) if hit else 0
@@ -354,8 +359,17 @@ class DecodeSlots:
             self.cache = self.compactor(self.cache)
             self.index -= self.margin
             self.first -= self.margin
-        nxt, _, _, _, self.cache, logits = self._step_program()(
-            self.cache, self.small(tokens), self.small(positions), self._done, self._key, self._step, *self._scalars)
+            self.rings = None
+        program = self._step_program()
+        args = (self.small(tokens), self.small(positions), self._done, self._key, self._step, *self._scalars)
+        if isinstance(program, RingStep):
+            if self.rings is None or self.rings[0] != program.span:
+                self.rings = (program.span, program.build(self.cache))
+            nxt, _, _, _, self.cache, logits, rings = program(self.cache, self.rings[1], *args)
+            self.rings = (program.span, rings)
+        else:
+            nxt, _, _, _, self.cache, logits = program(self.cache, *args)
+            self.rings = None
         self.index += 1
         if params is not None:
             nxt = self.sampler(logits, *(self.small(np.asarray(x)) for x in params))
