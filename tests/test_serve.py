@@ -276,7 +276,13 @@ def test_logprobs_are_those_of_transformers_streamed_or_not(server, model_dir):
     # Several prompts in one request (as lm-evaluation-harness batches them): one choice each, in order.
     batch = [prompt, [9, 17, 30], [44, 3]]
     choices = post("/v1/completions", {**body, "prompt": batch}).json()["choices"]
-    assert [c["index"] for c in choices] == [0, 1, 2] and choices[0]["logprobs"] == lp
+    assert [c["index"] for c in choices] == [0, 1, 2]
+    first = choices[0]["logprobs"]  # the same numbers up to the rounding of ring order (see the stream check)
+    assert first["tokens"] == lp["tokens"] and first["text_offset"] == lp["text_offset"]
+    np.testing.assert_allclose(first["token_logprobs"][1:], lp["token_logprobs"][1:], atol=1e-5)
+    for mine, theirs in zip(first["top_logprobs"][1:], lp["top_logprobs"][1:]):
+        assert mine.keys() == theirs.keys()
+        np.testing.assert_allclose(list(mine.values()), [theirs[k] for k in mine], atol=1e-5)
     for c, p in zip(choices[1:], batch[1:]):
         ref = _hf_logprobs(model_dir, p + c["token_ids"])
         _check_logprobs(ref, 1, p[1:] + c["token_ids"], c["logprobs"]["token_logprobs"][1:],
