@@ -63,8 +63,8 @@ def filter_logits(logits: jax.Array, cfg: SamplingConfig, temperature: jax.Array
 
 def first_argmax(logits: jax.Array) -> jax.Array:
     """`jnp.argmax(logits, axis=-1)` as int32 (the first maximum; the first NaN if a row has one), computed as
-    two plain reductions: XLA:CPU runs argmax's paired (value, index) reduction ~3.5x slower, 1.9 ms instead of
-    0.5 ms over [16, 49152] logits, ~2% of a SmolLM2 decode step (benchmarks/README.md)."""
+    two plain reductions: XLA:CPU runs argmax's paired (value, index) reduction ~4x slower, 1.78 ms instead of
+    0.45 ms over [16, 49152] logits, ~2% of a SmolLM2 decode step (benchmarks/README.md)."""
     top = jnp.max(logits, axis=-1, keepdims=True)  # XLA:CPU's max may skip NaN: they are looked for apart
     nan = jnp.isnan(logits)
     hit = jnp.where(jnp.any(nan, axis=-1, keepdims=True), nan, logits == top)
