@@ -248,12 +248,9 @@ def _ring_build(_, __, ks, vs, index, *, span: int):
     """Per-layer rings of the last `span` slots through `index` (the slot the next step writes), each slot at
     its ring position (`ring_slots`): the window, rotated. Keys' slot axis is their last, values' the one
     before."""
-    start = index + 1 - span
-
-    def ring(a, axis):
-        return jnp.roll(jax.lax.dynamic_slice_in_dim(a, start, span, axis=axis), jnp.remainder(start, span), axis)
-
-    return tuple(ring(k, k.ndim - 1) for k in ks), tuple(ring(v, v.ndim - 2) for v in vs)
+    slots = ring_slots(index, span)  # in bounds: a ring step runs only once index + 1 >= span
+    return (tuple(jnp.take(k, slots, k.ndim - 1, mode="clip") for k in ks),
+            tuple(jnp.take(v, slots, v.ndim - 2, mode="clip") for v in vs))
 
 
 def _ring_prologue(config, _, leaves, token, position, valid, index, *, span: int):
