@@ -90,6 +90,10 @@ class Output(NamedTuple):
     hidden_states: tuple[jax.Array, ...] | None
     cache: KVCache | None
     mlp_inputs: tuple[jax.Array, ...] | None = None
+    # The residual stream after the last layer [B, T, H], before the final norm: `Transformer.head` of it is
+    # `logits`. A caller that reads this and not `logits` (scoring a long prompt chunk by chunk) lets XLA drop
+    # the whole-sequence head.
+    last_hidden: jax.Array | None = None
 
 
 def prologue(c: ModelConfig, embed: jax.Array, input_ids: jax.Array, positions: jax.Array, q_slots: jax.Array,
@@ -270,16 +274,21 @@ class Transformer(nnx.Module):
             if layer_cache is not None:
                 new_k.append(layer_cache[0])
                 new_v.append(layer_cache[1])
-        x = self.final_norm(x)
-        head = embed.T if c.tie_word_embeddings else self.lm_head[...]
-        logits = x @ head
+        logits = constrain(self.head(x), ("batch", "length", "act_vocab"))
+        new_cache = None if cache is None else KVCache(tuple(new_k), tuple(new_v), k_valid, start + t)
+        return Output(logits, tuple(router_logits), tuple(hidden) if return_hidden_states else None, new_cache,
+                      tuple(mlp_inputs) if return_mlp_inputs else None, x)
+
+    def head(self, x: jax.Array) -> jax.Array:
+        """Logits [..., V] of residual-stream vectors [..., H] after the last layer: final norm, the vocabulary
+        projection (the embedding's transpose when tied), Gemma 2's final soft-cap."""
+        c = self.config
+        head = self.embed[...].T if c.tie_word_embeddings else self.lm_head[...]
+        logits = self.final_norm(x) @ head
         if c.final_logit_softcap is not None:
             cap = jnp.asarray(c.final_logit_softcap, logits.dtype)
             logits = jnp.tanh(logits / cap) * cap
-        logits = constrain(logits, ("batch", "length", "act_vocab"))
-        new_cache = None if cache is None else KVCache(tuple(new_k), tuple(new_v), k_valid, start + t)
-        return Output(logits, tuple(router_logits), tuple(hidden) if return_hidden_states else None, new_cache,
-                      tuple(mlp_inputs) if return_mlp_inputs else None)
+        return logits
 
 
 class _Run(NamedTuple):

@@ -14,6 +14,9 @@ from jaxmoe.parallel.placement import replicate
 from jaxmoe.sampling import first_argmax, top_p_filter
 
 TOP_LOGPROBS = 20  # alternatives per token a step can report (OpenAI's limit for top_logprobs)
+# Float32 logits scored at once when a prompt is echoed (64 MiB): a prompt's [P, V] logits are never whole
+# (a 4096-token prompt over Gemma's 256000-token vocabulary would be 4 GiB, and its log-softmax as much again).
+SCORE_CHUNK_VALUES = 1 << 24
 
 
 class SlotParams(NamedTuple):
@@ -60,11 +63,19 @@ def token_logprobs(logits: jax.Array, chosen: jax.Array) -> tuple[jax.Array, jax
     return jnp.take_along_axis(logp, chosen[:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32), top
 
 
-def prompt_logprobs(graphdef, treedef, leaves, ids, positions, mask, *, mesh) -> tuple[jax.Array, ...]:
+def prompt_logprobs(graphdef, treedef, leaves, ids, positions, mask, *, mesh,
+                    chunk_values: int = SCORE_CHUNK_VALUES) -> tuple[jax.Array, ...]:
     """`token_logprobs` of a left-padded prompt ids [1, P] for itself: entry t is about token t + 1 given the
-    tokens before it (entries of pads are meaningless). A function of the split model, compiled by
+    tokens before it (entries of pads are meaningless). The head runs over chunks of positions whose logits
+    hold about `chunk_values` numbers, one chunk at a time. A function of the split model, compiled by
     `jaxmoe.generate.compiled`; on a mesh the outputs come back replicated for the host to read."""
     model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-    logits = model.forward(ids, positions, mask).logits[0, :-1].astype(jnp.float32)
-    out = token_logprobs(logits, ids[0, 1:])
+    hidden, targets = model.forward(ids, positions, mask).last_hidden[0, :-1], ids[0, 1:]
+    n = hidden.shape[0]
+    rows = max(1, min(n, chunk_values // model.config.vocab_size))
+    chunks = -(-n // rows)
+    hidden = jnp.pad(hidden, ((0, chunks * rows - n), (0, 0))).reshape(chunks, rows, -1)
+    targets = jnp.pad(targets, (0, chunks * rows - n)).reshape(chunks, rows)
+    out = jax.lax.map(lambda a: token_logprobs(model.head(a[0]).astype(jnp.float32), a[1]), (hidden, targets))
+    out = tuple(x.reshape(chunks * rows, *x.shape[2:])[:n] for x in out)
     return out if mesh is None else tuple(replicate(x, mesh) for x in out)

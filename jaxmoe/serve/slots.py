@@ -41,6 +41,7 @@ from jaxmoe.nn.model import KVCache
 from jaxmoe.parallel.mesh import use_mesh
 from jaxmoe.parallel.placement import placed_mesh, replicate, shard_cache
 from jaxmoe.sampling import sampling_config
+from jaxmoe.serve import row_sampling
 from jaxmoe.serve.row_sampling import SlotParams, TokenLogprobs, prompt_logprobs, sample_rows, token_logprobs
 from jaxmoe.serve.cache_rows import compact, extend_cache, insert_part, insert_part_of, seeded_cache
 
@@ -332,7 +333,8 @@ class DecodeSlots:
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
         args = (*self._model_args, *(self.small(x) for x in (ids, positions, mask)))
         if p not in self.scorers:  # kept here: the shared LRU of executables could drop it and compile it again
-            self.scorers[p] = compiled("score", prompt_logprobs, {"mesh": self.mesh}, args)[0]
+            static = {"mesh": self.mesh, "chunk_values": row_sampling.SCORE_CHUNK_VALUES}
+            self.scorers[p] = compiled("score", prompt_logprobs, static, args)[0]
         out = self.scorers[p](self.leaves, *args[3:])
         return TokenLogprobs(*(np.asarray(x)[p - n:] for x in out))
 
