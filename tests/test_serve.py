@@ -400,6 +400,22 @@ def test_disconnect_cancels_then_sigterm_drains_and_exits_0(server):
     while 'outcome="cancelled"} 1' not in httpx.get(url + "/metrics").text:
         assert time.monotonic() < deadline, "the disconnected request was not cancelled"
         time.sleep(0.1)
+    # A whole (not streamed) answer's client that hangs up is cancelled too: here while its request waits for
+    # one of the 4 slots, which 4 others hold.
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        busy = [pool.submit(httpx.post, url + "/v1/completions", json={**body, "stream": False}, headers=AUTH,
+                            timeout=60) for _ in range(4)]
+        time.sleep(0.05)
+        payload = json.dumps({**body, "stream": False}).encode()
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(payload)
+                      + payload)
+        assert all(f.result().json()["choices"][0]["finish_reason"] == "length" for f in busy)
+    deadline = time.monotonic() + 20
+    while 'outcome="cancelled"} 2' not in httpx.get(url + "/metrics").text:
+        assert time.monotonic() < deadline, "the hung-up whole-answer request was not cancelled"
+        time.sleep(0.1)
 
     # A request in flight when SIGTERM arrives still completes; a new one is refused; exit status 0.
     with httpx.stream("POST", url + "/v1/completions", json={**body, "return_token_ids": True}, headers=AUTH,

@@ -209,9 +209,11 @@ class Api:
                 sampling.echo = body.get("echo", False)
                 if sampling.echo not in (True, False):
                     raise ApiError(400, f"'echo' must be true or false, got {sampling.echo!r}", "echo")
-                events: asyncio.Queue = asyncio.Queue()
-                requests.append((Request(ids, sampling, functools.partial(loop.call_soon_threadsafe,
-                                                                          events.put_nowait)), events))
+                # A streamed answer hears of every step; a whole one only of its end (`_Answer`): the event
+                # loop then wakes once per request, not once per request and step.
+                events = asyncio.Queue() if stream else _Answer(loop)
+                on_event = functools.partial(loop.call_soon_threadsafe, events.put_nowait) if stream else events.add
+                requests.append((Request(ids, sampling, on_event), events))
             self._submit([req for req, _ in requests])
         except ApiError as e:
             self.engine.metrics.observe_error(e.status)
@@ -229,7 +231,7 @@ class Api:
                                                lambda r: self._echo(r, text)), media_type="text/event-stream")
         watch = asyncio.ensure_future(self._watch_disconnect(http, [req for req, _ in requests]))
         try:
-            answers = await asyncio.gather(*(self._collect(events) for _, events in requests))
+            answers = await asyncio.gather(*(answer.collect() for _, answer in requests))
         finally:
             watch.cancel()
             for req, _ in requests:
@@ -263,24 +265,14 @@ class Api:
                 raise ApiError(503, str(e), kind="server_error") from None
 
     @staticmethod
-    async def _collect(events: asyncio.Queue) -> tuple[list[str], list[int], list[Logprob], str]:
-        """A request's events until it finishes: (text parts, token ids, `Logprob`s, finish reason)."""
-        parts, tokens, logprobs, reason = [], [], [], None
-        while reason is None:
-            ev: Event = await events.get()
-            parts.append(ev.text)
-            tokens += ev.token_ids
-            logprobs += ev.logprobs or []
-            reason = ev.finish_reason
-        return parts, tokens, logprobs, reason
-
-    async def _watch_disconnect(self, http: HttpRequest, requests: list[Request]) -> None:
-        while not all(req.cancelled.is_set() for req in requests):
-            if await http.is_disconnected():
-                for req in requests:
-                    req.cancel()
-                return
-            await asyncio.sleep(0.1)
+    async def _watch_disconnect(http: HttpRequest, requests: list[Request]) -> None:
+        """Cancel the requests when the client goes away. The body is read, so the server's next message is
+        the disconnect (uvicorn sends it when the connection closes): waiting for it costs nothing, where
+        polling `is_disconnected` woke the event loop ten times a second per request."""
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+        for req in requests:
+            req.cancel()
 
     async def _sse(self, req: Request, events: asyncio.Queue, head: dict, chat: bool, want_ids: bool, usage,
                    include_usage: bool, echo: Callable[[Request], tuple]) -> AsyncIterator[str]:
@@ -336,6 +328,30 @@ class Api:
     async def metrics(self, http: HttpRequest) -> Response:
         """GET /metrics (Prometheus text)."""
         return PlainTextResponse(self.engine.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+class _Answer:
+    """A whole (not streamed) answer gathered on the engine thread: `add` keeps each event, and the event loop
+    is woken only by the last one."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.events, self.done = loop, [], loop.create_future()
+
+    def add(self, ev: Event) -> None:
+        """`Request.on_event`: called from the scheduler thread."""
+        self.events.append(ev)
+        if ev.finish_reason is not None:
+            self.loop.call_soon_threadsafe(self._finish)
+
+    def _finish(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+    async def collect(self) -> tuple[list[str], list[int], list[Logprob], str]:
+        """The request's events once it finished: (text parts, token ids, `Logprob`s, finish reason)."""
+        await self.done
+        return ([ev.text for ev in self.events], [t for ev in self.events for t in ev.token_ids],
+                [lp for ev in self.events for lp in ev.logprobs or []], self.events[-1].finish_reason)
 
 
 def _chunk(head: dict, choice: dict) -> str:
