@@ -170,13 +170,7 @@ def _decode_head(graphdef, treedef, leaves, x, position, done, key, step, index,
     """Final norm, logits [B, V] (of a model whose layers are not run here: head-only state) and the next
     token: (token, position + 1, done, step + 1, index + 1, float32 logits or None)."""
     model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-    c = model.config
-    x = model.final_norm(x[:, -1])
-    logits = x @ (model.embed[...].T if c.tie_word_embeddings else model.lm_head[...])
-    if c.final_logit_softcap is not None:
-        cap = jnp.asarray(c.final_logit_softcap, logits.dtype)
-        logits = jnp.tanh(logits / cap) * cap
-    logits = logits.astype(jnp.float32)
+    logits = model.head(x[:, -1]).astype(jnp.float32)
     nxt, done = next_token(logits, done, key, step, temperature, top_p, eos, pad, sampling)
     return nxt, position + 1, done, step + 1, index + 1, (logits if return_logits else None)
 

@@ -213,7 +213,7 @@ class Api:
                 # loop then wakes once per request, not once per request and step.
                 events = asyncio.Queue() if stream else _Answer(loop)
                 on_event = functools.partial(loop.call_soon_threadsafe, events.put_nowait) if stream else events.add
-                requests.append((Request(ids, sampling, on_event), events))
+                requests.append((Request(ids, sampling, on_event, incremental=stream), events))
             self._submit([req for req, _ in requests])
         except ApiError as e:
             self.engine.metrics.observe_error(e.status)

@@ -69,14 +69,18 @@ class Event:
 
 
 class Request:
-    """A prompt in flight. `on_event(Event)` is called from the scheduler thread."""
+    """A prompt in flight. `on_event(Event)` is called from the scheduler thread: after steps that add text, and
+    once at the end. With `incremental` False (a whole answer, not streamed) and no stop strings, only at the
+    end: the text is then decoded once instead of after every step."""
 
     _ids = itertools.count()
 
-    def __init__(self, prompt: Sequence[int], sampling: Sampling, on_event: Callable[[Event], None]):
+    def __init__(self, prompt: Sequence[int], sampling: Sampling, on_event: Callable[[Event], None],
+                 incremental: bool = True):
         self.id = next(Request._ids)
         self.prompt = np.asarray(prompt, np.int32)
         self.sampling, self.on_event = sampling, on_event
+        self.incremental = incremental or bool(sampling.stop)  # stop strings are looked for in the text
         self.tokens: list[int] = []
         # Per generated token when sampling.logprobs is set, and for an end-of-sequence token that ended the
         # request (scorers read it as the generated token; `tokens` and the text leave it out).
@@ -272,6 +276,8 @@ class Engine:
             return "stop"
         req.tokens.append(token)
         self.metrics.generated_tokens += 1
+        if not req.incremental:  # decoded once, in `_finish`
+            return "length" if len(req.tokens) >= s.max_tokens else None
         text = self.tokenizer.decode(req.tokens, skip_special_tokens=True)
         cut = min((i for i in (text.find(stop) for stop in s.stop) if i >= 0), default=-1)
         if cut >= 0:
@@ -289,6 +295,8 @@ class Engine:
         return None
 
     def _finish(self, req: Request, reason: str) -> None:
+        if not req.incremental and reason != "cancelled":
+            req.text = self.tokenizer.decode(req.tokens, skip_special_tokens=True)
         rest = req.text[req.sent:] if reason != "cancelled" else ""
         new, logprobs = req.tokens[req.sent_tokens:], self._new_logprobs(req)
         req.sent, req.sent_tokens = len(req.text), len(req.tokens)
