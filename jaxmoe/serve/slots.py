@@ -43,7 +43,7 @@ from jaxmoe.parallel.placement import placed_mesh, replicate, shard_cache
 from jaxmoe.sampling import sampling_config
 from jaxmoe.serve import row_sampling
 from jaxmoe.serve.row_sampling import SlotParams, TokenLogprobs, prompt_logprobs, sample_rows, token_logprobs
-from jaxmoe.serve.cache_rows import compact, extend_cache, insert_part, insert_part_of, seeded_cache
+from jaxmoe.serve.cache_rows import compact, compact_window, extend_cache, insert_part, insert_part_of, seeded_cache
 
 MIN_BUCKET = 16
 GROUP = 4  # prompts after the cached prefix prefilled together (`DecodeSlots.insert_many`)
@@ -193,6 +193,10 @@ class DecodeSlots:
         self.logprobs = self._jit(token_logprobs, self.small(np.zeros((b, c.vocab_size), np.float32)), tok)
         self.compactor = self._jit(functools.partial(compact, margin=self.margin, mesh=mesh, config=c), aval,
                                    donate=(0,))
+        # keep -> a compaction that moves only the last `keep` slots (`compact_window`), for the spans steps use
+        self.window_compactors = {
+            keep: self._jit(functools.partial(compact_window, margin=self.margin, keep=keep, mesh=mesh, config=c),
+                            aval, donate=(0,)) for keep in self.windowed if keep <= self.margin}
         self.prefills, self.inserts = {}, {}
         insert = functools.partial(insert_part, mesh=mesh, config=c)
         for bucket in self.buckets:
@@ -358,10 +362,13 @@ class DecodeSlots:
         token of each row; with `return_logits` (nxt, the float32 logits [B, V] it was chosen from), with
         `logprobs` (nxt, `TokenLogprobs`)."""
         if self.index == self.length:
-            self.cache = self.compactor(self.cache)
+            live = self.index - min(int(self.first.min()), self.index)  # slots holding busy rows' tokens
+            keep = min((k for k in self.window_compactors if k >= live), default=None)
+            self.cache = (self.compactor if keep is None else self.window_compactors[keep])(self.cache)
             self.index -= self.margin
             self.first -= self.margin
-            self.rings = None
+            if self.rings is not None and self.margin % self.rings[0]:
+                self.rings = None  # a ring keeps slot s at s mod span: a shift by a multiple of span keeps it
         program = self._step_program()
         args = (self.small(tokens), self.small(positions), self._done, self._key, self._step, *self._scalars)
         if isinstance(program, RingStep):
