@@ -56,24 +56,6 @@ def insert_part_of(cache: KVCache, part: KVCache, j: jax.Array, row: jax.Array, 
     return insert_part(cache, one, row, tail, mesh=mesh, config=config)
 
 
-def compact_window(cache: KVCache, *, margin: int, keep: int, mesh, config) -> KVCache:
-    """`compact` at the end of the cache (index == length) when every busy row's tokens lie in the last `keep`
-    <= margin slots: only those move, into the donated cache in place, and every other slot is marked empty
-    (a row that is inserted later is written whole). SmolLM2, 16 rows, 768 slots: ~50 ms instead of ~890 ms
-    for moving the whole cache (benchmarks/README.md)."""
-    length = cache.valid.shape[1]
-
-    def move(a, axis):
-        axis %= a.ndim
-        return jax.lax.dynamic_update_slice_in_dim(a, jax.lax.slice_in_dim(a, length - keep, length, axis=axis),
-                                                   length - keep - margin, axis)
-
-    valid = jnp.zeros_like(cache.valid).at[:, length - keep - margin:length - margin].set(cache.valid[:, -keep:])
-    out = KVCache(tuple(move(a, -1) for a in cache.k), tuple(move(a, -2) for a in cache.v), valid,
-                  cache.index - margin)
-    return out if mesh is None else shard_cache(out, mesh, config)
-
-
 def extend_cache(graphdef, treedef, leaves, cache: KVCache, ids, positions, mask, *, mesh) -> KVCache:
     """`cache` (holding a prompt prefix, index after it) with the prompt's remaining tokens written after it."""
     model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
@@ -94,11 +76,21 @@ def seeded_cache(prefix: KVCache, length: int) -> KVCache:
                    prefix.index)
 
 
-def compact(cache: KVCache, *, margin: int, mesh, config) -> KVCache:
-    """Every row shifted `margin` slots left; the slots that wrap around are marked empty."""
-    roll = lambda a, axis: jnp.roll(a, -margin, axis=axis)  # noqa: E731
+def compact(cache: KVCache, *, margin: int, keep: int | None = None, mesh, config) -> KVCache:
+    """Every row shifted `margin` slots left at the end of the cache (index == length): the last `keep` slots
+    move and every other slot is marked empty. None: every slot that stays in the cache. `keep` <= margin,
+    when every busy row's tokens lie in the last `keep` slots, moves only those, in place in the donated cache
+    (a row inserted later is written whole): SmolLM2, 16 rows, 768 slots, ~50 ms instead of ~890 ms for the
+    whole cache (benchmarks/README.md)."""
     length = cache.valid.shape[1]
-    keep = jnp.arange(length) < length - margin
-    out = KVCache(tuple(roll(a, -1) for a in cache.k), tuple(roll(a, -2) for a in cache.v),
-                  roll(cache.valid, 1) & keep[None, :], cache.index - margin)
+    keep = length - margin if keep is None else keep
+
+    def move(a, axis):
+        axis %= a.ndim
+        return jax.lax.dynamic_update_slice_in_dim(a, jax.lax.slice_in_dim(a, length - keep, length, axis=axis),
+                                                   length - keep - margin, axis)
+
+    valid = jnp.zeros_like(cache.valid).at[:, length - keep - margin:length - margin].set(cache.valid[:, -keep:])
+    out = KVCache(tuple(move(a, -1) for a in cache.k), tuple(move(a, -2) for a in cache.v), valid,
+                  cache.index - margin)
     return out if mesh is None else shard_cache(out, mesh, config)

@@ -43,7 +43,7 @@ from jaxmoe.parallel.placement import placed_mesh, replicate, shard_cache
 from jaxmoe.sampling import sampling_config
 from jaxmoe.serve import row_sampling
 from jaxmoe.serve.row_sampling import SlotParams, TokenLogprobs, prompt_logprobs, sample_rows, token_logprobs
-from jaxmoe.serve.cache_rows import compact, compact_window, extend_cache, insert_part, insert_part_of, seeded_cache
+from jaxmoe.serve.cache_rows import compact, extend_cache, insert_part, insert_part_of, seeded_cache
 
 MIN_BUCKET = 16
 GROUP = 4  # prompts after the cached prefix prefilled together (`DecodeSlots.insert_many`)
@@ -193,10 +193,10 @@ class DecodeSlots:
         self.logprobs = self._jit(token_logprobs, self.small(np.zeros((b, c.vocab_size), np.float32)), tok)
         self.compactor = self._jit(functools.partial(compact, margin=self.margin, mesh=mesh, config=c), aval,
                                    donate=(0,))
-        # keep -> a compaction that moves only the last `keep` slots (`compact_window`), for the spans steps use
+        # keep -> a compaction that moves only the last `keep` slots (`compact`), for the spans steps use
         self.window_compactors = {
-            keep: self._jit(functools.partial(compact_window, margin=self.margin, keep=keep, mesh=mesh, config=c),
-                            aval, donate=(0,)) for keep in self.windowed if keep <= self.margin}
+            keep: self._jit(functools.partial(compact, margin=self.margin, keep=keep, mesh=mesh, config=c), aval,
+                            donate=(0,)) for keep in self.windowed if keep <= self.margin}
         self.prefills, self.inserts = {}, {}
         insert = functools.partial(insert_part, mesh=mesh, config=c)
         for bucket in self.buckets:
