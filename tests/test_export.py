@@ -118,6 +118,11 @@ def test_config_inexpressible_is_refused():
         config_to_hf(llama.replace(layer_types=("sliding",) * 3, sliding_window=4))
     with pytest.raises(ConfigError, match="every layer"):
         config_to_hf(_variants()["mixtral"].replace(moe_layers=(True, False, True)))
+    # A per-layer table of the wrong length names itself, not its neighbour.
+    with pytest.raises(ConfigError, match=r"moe_layers: expected 3 entries \(one per layer\), got 2"):
+        llama.replace(moe_layers=(False, False))
+    with pytest.raises(ConfigError, match=r"layer_types: expected 3 entries \(one per layer\), got 4"):
+        llama.replace(layer_types=("full",) * 4)
 
 
 # ---- bit-identical round trips ----------------------------------------------------------------------------

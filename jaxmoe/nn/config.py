@@ -78,8 +78,10 @@ class ModelConfig:
             object.__setattr__(self, "layer_types", ("full",) * self.num_layers)
         if not self.moe_layers:
             object.__setattr__(self, "moe_layers", (self.num_experts > 0,) * self.num_layers)
-        if len(self.layer_types) != self.num_layers or len(self.moe_layers) != self.num_layers:
-            raise ConfigError(f"layer_types: expected {self.num_layers} entries, got {len(self.layer_types)}")
+        for name in ("layer_types", "moe_layers"):
+            if len(getattr(self, name)) != self.num_layers:
+                raise ConfigError(f"{name}: expected {self.num_layers} entries (one per layer), "
+                                  f"got {len(getattr(self, name))}")
         if any(t == "sliding" for t in self.layer_types) and not self.sliding_window:
             raise ConfigError("sliding_window: sliding layers need a positive sliding_window")
         if self.num_experts and self.num_experts_per_tok > self.num_experts:
