@@ -35,7 +35,8 @@ from converters.hf.safetensors_io import CheckpointReader
 from converters.hub import resolve_model
 from jaxmoe.kernels.backend import on_cpu
 from jaxmoe.nn.config import ModelConfig
-from jaxmoe.nn.model import DecoderLayer, Transformer, layer_stacks
+from jaxmoe.nn.kv_cache import layer_stacks
+from jaxmoe.nn.model import DecoderLayer, Transformer
 from jaxmoe.parallel.mesh import check_mesh, make_mesh
 from jaxmoe.parallel.placement import param_specs, shard_model
 from jaxmoe.parallel.rules import MeshError, logical_to_spec

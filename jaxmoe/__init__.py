@@ -10,13 +10,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # for type checkers and IDEs only; at run time `__getattr__` below loads these
     from jaxmoe.nn.config import ConfigError, ModelConfig
     from jaxmoe.generate import generate
-    from jaxmoe.nn.model import KVCache, Output, Transformer
+    from jaxmoe.nn.kv_cache import KVCache
+    from jaxmoe.nn.model import Output, Transformer
 
 __all__ = ["ConfigError", "KVCache", "ModelConfig", "Output", "Transformer", "generate"]
 __version__ = "0.1.0"
 
 # public name -> the module that defines it
-_LAZY = {"ConfigError": "jaxmoe.nn.config", "ModelConfig": "jaxmoe.nn.config", "KVCache": "jaxmoe.nn.model",
+_LAZY = {"ConfigError": "jaxmoe.nn.config", "ModelConfig": "jaxmoe.nn.config", "KVCache": "jaxmoe.nn.kv_cache",
          "Output": "jaxmoe.nn.model", "Transformer": "jaxmoe.nn.model", "generate": "jaxmoe.generate"}
 
 

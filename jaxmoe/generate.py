@@ -30,7 +30,8 @@ from jaxmoe.memory import release_memory
 from jaxmoe.kernels.backend import on_cpu
 from jaxmoe.kernels.cpu import aliased_slices
 from jaxmoe.layerwise import SCRATCH_REUSE_LIMIT, LayerwisePrefill, LayerwiseStep, per_layer_cache
-from jaxmoe.nn.model import KVCache, Transformer, unstack_layers
+from jaxmoe.nn.kv_cache import KVCache
+from jaxmoe.nn.model import Transformer, unstack_layers
 from jaxmoe.sampling import SamplingConfig, next_token, sampling_config
 
 _COMPILES: collections.Counter = collections.Counter()

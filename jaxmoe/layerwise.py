@@ -23,7 +23,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmoe.kernels.cpu import aliased_slices
-from jaxmoe.nn.model import KVCache, Transformer, prologue
+from jaxmoe.nn.kv_cache import KVCache
+from jaxmoe.nn.model import Transformer, prologue
 from jaxmoe.sampling import SamplingConfig, next_token
 
 

@@ -98,7 +98,7 @@ def test_cached_logits_equal_full_recompute(tiny_hf, name):
 def test_fresh_cache_prefill_equals_full_cache_attention(tiny_hf, name):
     """forward(..., fresh_cache=True) (attention over the prompt's own keys only) gives the logits and the
     filled cache of the plain cached forward over every slot, for a left-padded batch past the window."""
-    from jaxmoe.nn.model import KVCache
+    from jaxmoe.nn.kv_cache import KVCache
 
     model = _model(tiny_hf, name)
     ids, mask = left_pad(_prompts(2, (19, 6)))
@@ -253,7 +253,7 @@ def test_chunked_causal_attention_matches_transformers(tiny_hf, name):
     """A 256-token forward runs attention in two causal query chunks (the second sees only keys before its
     end); the logits equal transformers', and the prefill over a fresh cache gives the same logits."""
     from jaxmoe.nn.attention import key_span, query_chunks
-    from jaxmoe.nn.model import KVCache
+    from jaxmoe.nn.kv_cache import KVCache
 
     assert query_chunks(256, True) == [(0, 128), (128, 256)] and query_chunks(256, False) == [(0, 256)]
     # The second chunk of a sliding layer skips the keys that the window masks for all its queries: keys

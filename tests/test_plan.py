@@ -13,7 +13,7 @@ from flax import nnx
 
 import converters
 from jaxmoe.cli import main
-from jaxmoe.nn.model import KVCache
+from jaxmoe.nn.kv_cache import KVCache
 from jaxmoe.parallel.mesh import abstract_mesh, make_mesh
 from jaxmoe.parallel.placement import shard_cache
 from jaxmoe.parallel.plan import plan

@@ -13,7 +13,8 @@ import jaxmoe.generate as gen
 from jaxmoe.generate import generate_full
 from jaxmoe.layerwise import per_layer_cache
 from jaxmoe.nn.config import ModelConfig
-from jaxmoe.nn.model import Transformer, layer_stacks, param_slots
+from jaxmoe.nn.kv_cache import layer_stacks
+from jaxmoe.nn.model import Transformer, param_slots
 from tests.tiny_models import hf_logits
 
 _MODELS: dict = {}

@@ -30,7 +30,8 @@ from converters.hf.sharded import save_hf_sharded
 from converters.load import materialize
 from jaxmoe import ModelConfig
 from jaxmoe.generate import generate
-from jaxmoe.nn.model import KVCache, layer_stacks, param_slots
+from jaxmoe.nn.kv_cache import KVCache, layer_stacks
+from jaxmoe.nn.model import param_slots
 from jaxmoe.nn.moe import MoEBlock, experts_dense, route
 from jaxmoe.parallel.expert_parallel import dropped_tokens, emulated_ragged_all_to_all, resolve_dispatch
 from jaxmoe.parallel.mesh import PRESET_DIR, check_mesh, make_mesh, preset_spec, use_mesh

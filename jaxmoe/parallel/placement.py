@@ -20,7 +20,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxmoe.nn.attention import cache_axes
 from jaxmoe.nn.config import ModelConfig
-from jaxmoe.nn.model import KVCache, Transformer
+from jaxmoe.nn.kv_cache import KVCache
+from jaxmoe.nn.model import Transformer
 from jaxmoe.parallel.mesh import check_mesh
 from jaxmoe.parallel.rules import logical_to_spec
 

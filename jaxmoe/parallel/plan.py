@@ -30,7 +30,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxmoe.nn.attention import query_chunks
 from jaxmoe.nn.config import ModelConfig
-from jaxmoe.nn.model import KVCache, Transformer, layer_stacks
+from jaxmoe.nn.kv_cache import KVCache, layer_stacks
+from jaxmoe.nn.model import Transformer
 from jaxmoe.parallel.mesh import check_mesh
 from jaxmoe.parallel.placement import cache_shardings, param_shardings
 from jaxmoe.parallel.rules import MESH_AXES, axis_size, logical_to_spec

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmoe.nn.model import KVCache
+from jaxmoe.nn.kv_cache import KVCache
 from jaxmoe.parallel.placement import shard_cache
 
 

@@ -37,7 +37,7 @@ from jaxmoe.kernels.backend import on_cpu
 from jaxmoe.generate import compiled, decode_step, prefill_cache, unrolled_decoder
 from jaxmoe.layerwise import (SCRATCH_REUSE_LIMIT, LayerwiseExtend, LayerwisePrefill, LayerwiseStep, RingStep,
                               per_layer_cache, ring_fits)
-from jaxmoe.nn.model import KVCache
+from jaxmoe.nn.kv_cache import KVCache
 from jaxmoe.parallel.mesh import use_mesh
 from jaxmoe.parallel.placement import placed_mesh, replicate, shard_cache
 from jaxmoe.sampling import sampling_config

@@ -13,7 +13,8 @@ import optax
 from flax import nnx
 
 from jaxmoe.nn.config import ModelConfig
-from jaxmoe.nn.model import Transformer, layer_stacks
+from jaxmoe.nn.kv_cache import layer_stacks
+from jaxmoe.nn.model import Transformer
 from jaxmoe.train import losses
 from jaxmoe.train.checkpoint import flat_params, state_from_flat
 from jaxmoe.train.config import TRAINABLE, TrainConfig, TrainConfigError
