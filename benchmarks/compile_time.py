@@ -11,15 +11,23 @@ with its own code on the same models and the same machine:
   `jaxmoe generate` costs: tracing + loading the cached programs).
 - train: `jax.jit(jax.value_and_grad(loss)).lower(...).compile()` of a next-token cross-entropy over every
   parameter (batch 2 x 64 tokens): tracing + XLA compile of the backward pass.
+- one-layer floor (`--floor`, this checkout only): generate cold and train for the same model cut to its first
+  layer (random weights; compile time does not depend on their values). What does not depend on depth
+  (embedding, head, loss, sampling, XLA's fixed cost per program) costs this much whatever is done to the layers.
+
+Each figure is the median of `--repeats` fresh processes (compile times on 2 busy-ish cores vary +-15%); every
+value is kept in the results file.
 
     python benchmarks/compile_time.py                        # this checkout
     python benchmarks/compile_time.py --repo /tmp/old-tree   # a worktree of an older commit, same models
+    python benchmarks/compile_time.py --floor --repeats 5    # also the one-layer floor; median of 5
 Prints one JSON line per model and writes benchmarks/results/compile_time-<label>.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import os
 import subprocess
 import sys
@@ -51,6 +59,14 @@ def child(spec: dict) -> dict:
     from jaxmoe.generate import generate_full
 
     model = converters.load(spec["model"], dtype="float32")
+    if spec.get("layers"):  # the one-layer floor: the same model cut to its first layers, random weights
+        import dataclasses
+
+        from jaxmoe.nn.model import Transformer
+
+        c, n = model.config, spec["layers"]
+        model = Transformer(dataclasses.replace(c, num_layers=n, layer_types=c.layer_types[:n],
+                                                moe_layers=c.moe_layers[:n]), nnx.Rngs(0), dtype="float32")
     ids = np.random.default_rng(0).integers(256, model.config.vocab_size, (1, 40)).astype(np.int32)
     out: dict = {}
     with compile_cache(spec["cache"] is not None):
@@ -106,7 +122,11 @@ def main() -> None:
     p.add_argument("--label", default=None, help="name for the results file (default: the checkout's commit)")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "jaxmoe-compile-bench",
                    help="where the demo MoE is built (kept between runs)")
+    p.add_argument("--repeats", type=int, default=3, help="fresh processes per figure; the median is reported")
+    p.add_argument("--floor", action="store_true", help="also measure each model cut to one layer")
     args = p.parse_args()
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
     repo = args.repo.resolve()
     label = args.label or subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
                                          capture_output=True, text=True).stdout.strip()
@@ -115,15 +135,27 @@ def main() -> None:
     models = {"SmolLM2-135M": gguf, "demo MoE (4x SmolLM2)": _demo_moe(gguf, args.work)}
     rows = []
     for name, path in models.items():
-        with tempfile.TemporaryDirectory() as cache:
-            cold = _run(repo, {"model": str(path), "cache": None, "train": True})
-            _run(repo, {"model": str(path), "cache": cache, "train": False})  # fills the persistent cache
-            warm = _run(repo, {"model": str(path), "cache": cache, "train": False})
-        row = dict(model=name, label=label, generate_cold_s=cold["generate_s"],
-                   generate_cold_trace_s=cold["generate_trace_s"], generate_warm_s=warm["generate_s"],
-                   train_s=cold["train_s"], train_trace_s=cold["train_trace_s"])
+        runs: dict[str, list[float]] = {}
+
+        def keep(prefix: str, result: dict) -> None:
+            for k, v in result.items():
+                runs.setdefault(prefix + k, []).append(v)
+
+        for _ in range(args.repeats):
+            keep("cold_", _run(repo, {"model": str(path), "cache": None, "train": True}))
+            with tempfile.TemporaryDirectory() as cache:
+                _run(repo, {"model": str(path), "cache": cache, "train": False})  # fills the persistent cache
+                keep("warm_", _run(repo, {"model": str(path), "cache": cache, "train": False}))
+            if args.floor:
+                keep("floor_", _run(repo, {"model": str(path), "cache": None, "train": True, "layers": 1}))
+        med = {k: round(statistics.median(v), 2) for k, v in runs.items()}
+        row = dict(model=name, label=label, repeats=args.repeats, generate_cold_s=med["cold_generate_s"],
+                   generate_cold_trace_s=med["cold_generate_trace_s"], generate_warm_s=med["warm_generate_s"],
+                   train_s=med["cold_train_s"], train_trace_s=med["cold_train_trace_s"])
+        if args.floor:
+            row.update(one_layer_generate_cold_s=med["floor_generate_s"], one_layer_train_s=med["floor_train_s"])
         print(json.dumps(row), flush=True)
-        rows.append(row)
+        rows.append({**row, "all": runs})
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"compile_time-{label}.json").write_text(json.dumps(rows, indent=1) + "\n")
 
