@@ -73,18 +73,24 @@ PROMPTS = [_rng.integers(3, 128, int(_rng.integers(1, 11))).tolist() for _ in ra
 BUDGETS = [int(_rng.integers(1, 7)) for _ in PROMPTS]  # prompt + budget <= 16, the multi-host --max-seq-len
 
 
+def _start_two_hosts(model_dir: Path, port: int) -> list[subprocess.Popen]:
+    """A 2-process x 4-device server (`--mesh expert=4,data=2`) on `port`, its coordinator on a free port."""
+    coord = _free_port()
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    return [subprocess.Popen([sys.executable, "-m", "jaxmoe.cli", "--coordinator", f"127.0.0.1:{coord}",
+                              "--num-processes", "2", "--process-id", str(i), "serve", str(model_dir), "--port",
+                              str(port), "--mesh", "expert=4,data=2", "--max-batch", "4", "--max-seq-len", "16",
+                              "--api-key", KEY, "--served-model-name", "tiny"], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+
 @pytest.fixture(scope="module")
 def two_hosts(model_dir):
     """(processes, port) of a 2-process x 4-device server (`--mesh expert=4,data=2`), started first so that it
     compiles while the single-process tests run."""
-    port, coord = _free_port(), _free_port()
-    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    procs = [subprocess.Popen([sys.executable, "-m", "jaxmoe.cli", "--coordinator", f"127.0.0.1:{coord}",
-                               "--num-processes", "2", "--process-id", str(i), "serve", str(model_dir), "--port",
-                               str(port), "--mesh", "expert=4,data=2", "--max-batch", "4", "--max-seq-len", "16",
-                               "--api-key", KEY, "--served-model-name", "tiny"], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    port = _free_port()
+    procs = _start_two_hosts(model_dir, port)
     yield procs, port
     for p in procs:
         if p.poll() is None:
@@ -616,3 +622,22 @@ def test_two_processes_serve_the_same_tokens_as_one(server, two_hosts, model_dir
     procs[0].send_signal(signal.SIGTERM)
     codes = [p.wait(timeout=60) for p in procs]
     assert codes == [0, 0], [p.communicate()[1][-2000:] for p in procs]
+
+
+def test_a_follower_stops_when_process_0_dies(model_dir):
+    """Process 0 killed outright (no drain, no STOP call): the follower, waiting in its broadcast for the next
+    call, must not hang there until some deadline. JAX's coordination service, which process 0 hosts, aborts it."""
+    port = _free_port()
+    procs = _start_two_hosts(model_dir, port)
+    try:
+        _wait(procs[0], port)
+        assert procs[1].poll() is None  # serving: the follower waits for the next call
+        procs[0].kill()
+        t = time.monotonic()
+        code = procs[1].wait(timeout=60)
+        assert code != 0 and time.monotonic() - t < 30, (code, procs[1].communicate()[1][-2000:])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
