@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -128,6 +128,8 @@ def main() -> None:
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
     repo = args.repo.resolve()
+    if args.floor and repo != ROOT:
+        p.error("--floor measures this checkout only (it builds the model with this checkout's classes)")
     label = args.label or subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
                                          capture_output=True, text=True).stdout.strip()
     args.work.mkdir(parents=True, exist_ok=True)
