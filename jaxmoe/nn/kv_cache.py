@@ -1,6 +1,7 @@
 """The decoder's key/value cache (`KVCache`) and the grouping of layers into stacks that its arrays follow.
 
-Kept apart from the model so that code which only moves cache rows (serving, placement) need not import it.
+Kept apart from the model so that code which only moves cache rows (`jaxmoe.serve.cache_rows`) need not import
+the model.
 """
 from __future__ import annotations
 
