@@ -167,12 +167,19 @@ def _decode_layer(graphdef, treedef, leaves, x, cos, sin, mask, k, v, index, *, 
 
 
 def _decode_head(graphdef, treedef, leaves, x, position, done, key, step, index, temperature, top_p, eos, pad, *,
-          sampling: SamplingConfig, return_logits: bool):
-    """Final norm, logits [B, V] (of a model whose layers are not run here: head-only state) and the next
-    token: (token, position + 1, done, step + 1, index + 1, float32 logits or None)."""
+                 sampling: SamplingConfig, return_logits: bool, by_vocab: bool = False, native: bool = False):
+    """Final norm, logits (of a model whose layers are not run here: head-only state) and the next token:
+    (token, position + 1, done, step + 1, index + 1, float32 logits or None). `by_vocab` (greedy, tied
+    embeddings) computes them vocabulary-major, [V, B] (`Transformer.head_by_vocab`); they are returned
+    [B, V] unless `native`."""
     model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-    logits = model.head(x[:, -1]).astype(jnp.float32)
-    nxt, done = next_token(logits, done, key, step, temperature, top_p, eos, pad, sampling)
+    if by_vocab:
+        logits = model.head_by_vocab(x[:, -1]).astype(jnp.float32)
+        nxt, done = next_token(logits, done, key, step, temperature, top_p, eos, pad, sampling, vocab_axis=0)
+        logits = logits if native else logits.T
+    else:
+        logits = model.head(x[:, -1]).astype(jnp.float32)
+        nxt, done = next_token(logits, done, key, step, temperature, top_p, eos, pad, sampling)
     return nxt, position + 1, done, step + 1, index + 1, (logits if return_logits else None)
 
 
@@ -181,13 +188,14 @@ class LayerwiseStep(_Programs):
     compiled whole-step program: step(cache, token, position, done, key, step, *scalars). `executable(kind,
     fn, static, args, donate)` compiles (or finds) each program: `jaxmoe.generate`'s LRU of executables. With
     `span`, attention reads only the last `span` cache slots through the write index (the caller makes sure
-    every row's keys lie there)."""
+    every row's keys lie there). With `native_logits` the logits come in the layout the head computed them
+    in: [V, B] where `by_vocab` is set (greedy selection with tied embeddings), else [B, V]."""
 
     def __init__(self, model: Transformer, cache: Any, token: Any, position: Any, done: Any, key: Any, step: Any,
                  scalars: tuple, executable: Callable[..., tuple[Any, float, float]], sampling: SamplingConfig,
-                 return_logits: bool, span: int | None = None):
+                 return_logits: bool, span: int | None = None, native_logits: bool = False):
         x = self._prologue_and_head(model, cache, token, position, done, key, step, scalars, executable, sampling,
-                                    return_logits, "decode_prologue", _decode_prologue,
+                                    return_logits, native_logits, "decode_prologue", _decode_prologue,
                                     {} if span is None else {"span": span})
         self.layer_exes = [self._get(executable, "decode_layer", _decode_layer, self.static,
                                      (graphdef, treedef, leaves, x, self.cos[kind], self.sin[kind], self.masks[kind],
@@ -196,7 +204,7 @@ class LayerwiseStep(_Programs):
                                                                                cache.v)]
 
     def _prologue_and_head(self, model, cache, token, position, done, key, step, scalars, executable, sampling,
-                           return_logits, kind, prologue_fn, static) -> Any:
+                           return_logits, native_logits, kind, prologue_fn, static) -> Any:
         """Compile the step's prologue and head programs; the shapes of what the prologue hands the layers
         (x returned, the rest kept as self.cos, .sin, .masks)."""
         c = model.config
@@ -211,7 +219,10 @@ class LayerwiseStep(_Programs):
         self.pro = self._get(executable, kind, prologue_fn, static, pro_args)
         x, self.cos, self.sin, self.masks, _ = jax.eval_shape(functools.partial(prologue_fn, c, None, **static),
                                                               *pro_args[2:])
-        self.head = self._get(executable, "decode", _decode_head, {"sampling": sampling, "return_logits": return_logits},
+        self.by_vocab = bool(sampling.greedy and c.tie_word_embeddings)
+        head_static = {"sampling": sampling, "return_logits": return_logits, "by_vocab": self.by_vocab,
+                       "native": native_logits}
+        self.head = self._get(executable, "decode", _decode_head, head_static,
                               (*self.head_args, x, position, done, key, step, cache.index, *scalars))
         return x
 
@@ -280,11 +291,11 @@ class RingStep(LayerwiseStep):
 
     def __init__(self, model: Transformer, cache: Any, token: Any, position: Any, done: Any, key: Any, step: Any,
                  scalars: tuple, executable: Callable[..., tuple[Any, float, float]], sampling: SamplingConfig,
-                 return_logits: bool, span: int):
+                 return_logits: bool, span: int, native_logits: bool = False):
         static = {"span": span}
         self.span = span
         x = self._prologue_and_head(model, cache, token, position, done, key, step, scalars, executable, sampling,
-                                    return_logits, "ring_prologue", _ring_prologue, static)
+                                    return_logits, native_logits, "ring_prologue", _ring_prologue, static)
         self.builder = self._get(executable, "ring_build", _ring_build, static, (None, None, cache.k, cache.v,
                                                                                  cache.index))
         rings = jax.eval_shape(functools.partial(_ring_build, None, None, span=span), cache.k, cache.v, cache.index)

@@ -61,15 +61,17 @@ def filter_logits(logits: jax.Array, cfg: SamplingConfig, temperature: jax.Array
     return logits
 
 
-def first_argmax(logits: jax.Array) -> jax.Array:
-    """`jnp.argmax(logits, axis=-1)` as int32 (the first maximum; the first NaN if a row has one), computed as
+def first_argmax(logits: jax.Array, axis: int = -1) -> jax.Array:
+    """`jnp.argmax(logits, axis=axis)` as int32 (the first maximum; the first NaN if a row has one), computed as
     two plain reductions: XLA:CPU runs argmax's paired (value, index) reduction ~4x slower, 1.78 ms instead of
-    0.45 ms over [16, 49152] logits, ~2% of a SmolLM2 decode step (benchmarks/README.md)."""
-    top = jnp.max(logits, axis=-1, keepdims=True)  # XLA:CPU's max may skip NaN: they are looked for apart
+    0.45 ms over [16, 49152] logits, ~2% of a SmolLM2 decode step (benchmarks/README.md). `axis` 0 serves
+    vocabulary-major logits [V, B] (`Transformer.head_by_vocab`)."""
+    axis = axis % logits.ndim
+    top = jnp.max(logits, axis=axis, keepdims=True)  # XLA:CPU's max may skip NaN: they are looked for apart
     nan = jnp.isnan(logits)
-    hit = jnp.where(jnp.any(nan, axis=-1, keepdims=True), nan, logits == top)
-    ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-    return jnp.min(jnp.where(hit, ids, logits.shape[-1]), axis=-1)
+    hit = jnp.where(jnp.any(nan, axis=axis, keepdims=True), nan, logits == top)
+    ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, axis)
+    return jnp.min(jnp.where(hit, ids, logits.shape[axis]), axis=axis)
 
 
 def sample(logits: jax.Array, key: jax.Array, cfg: SamplingConfig, temperature: jax.Array | float = 1.0,
@@ -82,10 +84,14 @@ def sample(logits: jax.Array, key: jax.Array, cfg: SamplingConfig, temperature: 
 
 
 def next_token(logits: jax.Array, done: jax.Array, key: jax.Array, step: jax.Array, temperature: jax.Array,
-               top_p: jax.Array, eos: jax.Array, pad: jax.Array, config: SamplingConfig
+               top_p: jax.Array, eos: jax.Array, pad: jax.Array, config: SamplingConfig, vocab_axis: int = -1
                ) -> tuple[jax.Array, jax.Array]:
     """One decode step's tokens [B] from float32 logits [B, V] (drawn with `fold_in(key, step)`) and the
-    updated done flags: a finished row emits `pad`; a row that emits one of `eos` is done."""
-    nxt = sample(logits, jax.random.fold_in(key, step), config, temperature, top_p)
+    updated done flags: a finished row emits `pad`; a row that emits one of `eos` is done. Greedy selection
+    also takes vocabulary-major logits [V, B] (`vocab_axis` 0)."""
+    if vocab_axis % logits.ndim != logits.ndim - 1 and not config.greedy:
+        raise ValueError("sampling needs logits [B, V]; only greedy selection reads them vocabulary-major")
+    nxt = (first_argmax(logits, vocab_axis) if config.greedy
+           else sample(logits, jax.random.fold_in(key, step), config, temperature, top_p))
     nxt = jnp.where(done, pad, nxt)
     return nxt, done | jnp.any(nxt[:, None] == eos[None, :], axis=-1)

@@ -12,7 +12,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 import converters
 import jaxmoe
 from jaxmoe.generate import compile_count, generate_full, left_pad
-from jaxmoe.sampling import SamplingConfig, sample, top_k_filter, top_p_filter
+from jaxmoe.sampling import SamplingConfig, first_argmax, sample, top_k_filter, top_p_filter
 from tests.tiny_models import TINY, WINDOW
 
 NEW = 32
@@ -184,6 +184,9 @@ def test_greedy_choice_is_numpys_argmax_with_ties_infinities_and_nan():
         ours = np.asarray(jax.jit(lambda v: sample(v, jax.random.key(0), SamplingConfig(True, None, False)))(x))
         assert ours.dtype == np.int32
         np.testing.assert_array_equal(ours, np.argmax(np.asarray(x.astype(jnp.float32)), axis=-1))
+        # vocabulary-major logits [V, B], as the CPU decode head computes them with tied embeddings
+        by_vocab = np.asarray(jax.jit(lambda v: first_argmax(v, axis=0))(x.T))
+        np.testing.assert_array_equal(by_vocab, np.argmax(np.asarray(x.astype(jnp.float32)), axis=-1))
     assert list(np.argmax(logits, axis=-1)[:5]) == [0, 7, 11, 0, 5]
 
 

@@ -24,8 +24,9 @@ from jaxmoe.generate import generate, generate_full, left_pad
 from jaxmoe.serve.engine import Engine, QueueFull, Request, Sampling, _held_back
 from jaxmoe.parallel.mesh import make_mesh, use_mesh
 from jaxmoe.layerwise import RingStep
+from jaxmoe.serve.row_sampling import SlotParams
 from jaxmoe.serve.slots import DecodeSlots, chat_preamble
-from tests.tiny_models import make_tiny
+from tests.tiny_models import hf_logits, make_tiny
 from tests.tiny_tokenizer import make_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -594,6 +595,36 @@ def test_narrow_decode_steps_give_the_logits_of_the_whole_cache(model_dir, tmp_p
         tokens[1], positions[1] = nxt[1], positions[1] + 1
     assert slots.spans == {32: 1, 64: 5}
     assert all(isinstance(p, RingStep) == (name == "mixtral") for p in slots.windowed.values())
+
+
+def test_a_tied_heads_vocabulary_major_logits_feed_sampling_and_logprobs(tmp_path):
+    """With tied embeddings a CPU step computes its logits vocabulary-major, [V, B] (the faster matmul): the
+    sampler and the log-probabilities read them so. Per row: transformers' log-softmax, its argmax for a greedy
+    row and for a top_k 1 draw, over two steps."""
+    path, hf = make_tiny("llama_tied", tmp_path / "tied", seed=4)
+    slots = DecodeSlots(converters.load(path), 2, 32)
+    assert slots.by_vocab and slots.logprobs is not None
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, 128, n).astype(np.int32) for n in (9, 14)]
+    for row, prompt in enumerate(prompts):
+        slots.insert(row, prompt)
+    tokens = np.array([p[-1] for p in prompts], np.int32)
+    positions = np.array([len(p) - 1 for p in prompts], np.int32)
+    params = SlotParams(np.array([0.0, 0.7], np.float32), np.ones(2, np.float32), np.array([0, 1], np.int32),
+                        np.array([0, 5], np.uint32), np.zeros(2, np.int32))
+    seqs = [list(p) for p in prompts]
+    for _ in range(2):
+        nxt, lp = slots.step(tokens, positions, params, logprobs=True)
+        for row, seq in enumerate(seqs):
+            ref = hf_logits(hf, np.asarray(seq)[None])[0, -1].astype(np.float64)
+            want = ref - ref.max() - np.log(np.exp(ref - ref.max()).sum())
+            assert nxt[row] == want.argmax(), row
+            np.testing.assert_allclose(lp.chosen[row], want[nxt[row]], atol=1e-4)
+            k = lp.top_ids.shape[1]
+            np.testing.assert_array_equal(lp.top_ids[row], np.argsort(-want, kind="stable")[:k])
+            np.testing.assert_allclose(lp.top[row], np.sort(want)[::-1][:k], atol=1e-4)
+            seq.append(int(nxt[row]))
+        tokens, positions, params.count[:] = nxt, positions + 1, params.count + 1
 
 
 def test_two_processes_serve_the_same_tokens_as_one(server, two_hosts, model_dir):

@@ -233,7 +233,22 @@ class Transformer(nnx.Module):
         projection (the embedding's transpose when tied), Gemma 2's final soft-cap."""
         c = self.config
         head = self.embed[...].T if c.tie_word_embeddings else self.lm_head[...]
-        logits = self.final_norm(x) @ head
+        return self._softcap(self.final_norm(x) @ head)
+
+    def head_by_vocab(self, x: jax.Array) -> jax.Array:
+        """`head(x).T` for vectors x [B, H]: logits [V, B]. With tied embeddings [V, H] this is the faster form
+        on CPU: XLA:CPU's small-batch kernel streams a [V, H] matrix row by row, but reads the [H, V] transpose
+        that `head` multiplies by with a stride of V (SmolLM2, 16 rows: 9-11 ms instead of 14-15,
+        benchmarks/README.md). Untied heads are stored [H, V], so they keep `head`'s form."""
+        c = self.config
+        if not c.tie_word_embeddings:
+            return self.head(x).T
+        xn = self.final_norm(x)
+        return self._softcap(jax.lax.dot_general(self.embed[...], xn, (((1,), (1,)), ((), ()))))
+
+    def _softcap(self, logits: jax.Array) -> jax.Array:
+        """Gemma 2's final soft-cap (none for other models)."""
+        c = self.config
         if c.final_logit_softcap is not None:
             cap = jnp.asarray(c.final_logit_softcap, logits.dtype)
             logits = jnp.tanh(logits / cap) * cap

@@ -178,8 +178,8 @@ class DecodeSlots:
             greedy = sampling_config(0.0, None, None, c.vocab_size)
             step_args = (self.decoder, aval, tok, tok, self._done, self._key, self._step, self._scalars, compiled,
                          greedy, True)
-            self.decode = LayerwiseStep(*step_args)
-            self.windowed = {s: RingStep(*step_args, span=s) if ring_fits(c, s) else LayerwiseStep(*step_args, span=s)
+            self.decode = LayerwiseStep(*step_args, native_logits=True)
+            self.windowed = {s: (RingStep if ring_fits(c, s) else LayerwiseStep)(*step_args, span=s, native_logits=True)
                              for s in window_spans(self.length)}
         else:
             static = {"sampling": sampling_config(0.0, None, None, c.vocab_size), "return_logits": True,
@@ -187,10 +187,14 @@ class DecodeSlots:
             args = (*self._model_args, aval, tok, tok, self._done, self._key, self._step, *self._scalars)
             self.decode = functools.partial(compiled("decode", decode_step, static, args, donate=(3,))[0],
                                             self.leaves)
+        # Steps whose head computes logits [V, B] (`LayerwiseStep.by_vocab`) return them so: their readers
+        # transpose them, a cost only for steps that sample or report log-probabilities.
+        self.by_vocab = bool(getattr(self.decode, "by_vocab", False))
+        rows = (lambda fn: lambda logits, *a: fn(logits.T, *a)) if self.by_vocab else (lambda fn: fn)  # noqa: E731
+        logits = self.small(np.zeros((c.vocab_size, b) if self.by_vocab else (b, c.vocab_size), np.float32))
         f32 = self.small(np.zeros((b,), np.float32))
-        self.sampler = self._jit(sample_rows, self.small(np.zeros((b, c.vocab_size), np.float32)), f32, f32, tok,
-                                 self.small(np.zeros((b,), np.uint32)), tok)
-        self.logprobs = self._jit(token_logprobs, self.small(np.zeros((b, c.vocab_size), np.float32)), tok)
+        self.sampler = self._jit(rows(sample_rows), logits, f32, f32, tok, self.small(np.zeros((b,), np.uint32)), tok)
+        self.logprobs = self._jit(rows(token_logprobs), logits, tok)
         self.compactor = self._jit(functools.partial(compact, margin=self.margin, mesh=mesh, config=c), aval,
                                    donate=(0,))
         # keep -> a compaction that moves only the last `keep` slots (`compact`), for the spans steps use
@@ -384,7 +388,8 @@ class DecodeSlots:
             nxt = self.sampler(logits, *(self.small(np.asarray(x)) for x in params))
         if logprobs:
             return np.asarray(nxt), TokenLogprobs(*(np.asarray(x) for x in self.logprobs(logits, nxt)))
-        return (np.asarray(nxt), np.asarray(logits)) if return_logits else np.asarray(nxt)
+        return (np.asarray(nxt), np.asarray(logits).T if self.by_vocab else np.asarray(logits)) if return_logits \
+            else np.asarray(nxt)
 
 
 def describe(slots: DecodeSlots) -> dict[str, Any]:
