@@ -173,13 +173,10 @@ def _decode_head(graphdef, treedef, leaves, x, position, done, key, step, index,
     embeddings) computes them vocabulary-major, [V, B] (`Transformer.head_by_vocab`); they are returned
     [B, V] unless `native`."""
     model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-    if by_vocab:
-        logits = model.head_by_vocab(x[:, -1]).astype(jnp.float32)
-        nxt, done = next_token(logits, done, key, step, temperature, top_p, eos, pad, sampling, vocab_axis=0)
-        logits = logits if native else logits.T
-    else:
-        logits = model.head(x[:, -1]).astype(jnp.float32)
-        nxt, done = next_token(logits, done, key, step, temperature, top_p, eos, pad, sampling)
+    logits = (model.head_by_vocab if by_vocab else model.head)(x[:, -1]).astype(jnp.float32)
+    nxt, done = next_token(logits, done, key, step, temperature, top_p, eos, pad, sampling,
+                           vocab_axis=0 if by_vocab else -1)
+    logits = logits.T if by_vocab and not native else logits
     return nxt, position + 1, done, step + 1, index + 1, (logits if return_logits else None)
 
 

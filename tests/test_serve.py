@@ -603,7 +603,7 @@ def test_a_tied_heads_vocabulary_major_logits_feed_sampling_and_logprobs(tmp_pat
     row and for a top_k 1 draw, over two steps."""
     path, hf = make_tiny("llama_tied", tmp_path / "tied", seed=4)
     slots = DecodeSlots(converters.load(path), 2, 32)
-    assert slots.by_vocab and slots.logprobs is not None
+    assert slots.by_vocab  # the layout under test
     rng = np.random.default_rng(3)
     prompts = [rng.integers(3, 128, n).astype(np.int32) for n in (9, 14)]
     for row, prompt in enumerate(prompts):
